@@ -1,0 +1,235 @@
+//! Calendar arithmetic and the two date formats qmqpd writes, in UTC.
+//!
+//! Owns the conversion from Unix seconds to a broken-down UTC date and its rendering as an
+//! RFC 5322 date (our Received: header) and as an RFC 3164 syslog stamp (`maillog_file`).
+//! It knows nothing of time zones: everything is UTC, as the `syslog` crate's stamps are.
+//! Times before 1970 are clamped to the epoch by the `SystemTime` formatters.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Broken-down UTC time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Civil {
+    /// Proleptic Gregorian year, e.g. 2026.
+    pub year: i64,
+    /// Month of the year, 1 to 12.
+    pub month: u32,
+    /// Day of the month, 1 to 31.
+    pub day: u32,
+    /// Hour, 0 to 23.
+    pub hour: u32,
+    /// Minute, 0 to 59.
+    pub minute: u32,
+    /// Second, 0 to 59 (Unix time has no leap seconds).
+    pub second: u32,
+    /// Day of the week, 0 = Sunday to 6 = Saturday.
+    pub weekday: u32,
+}
+
+const SECONDS_PER_DAY: i64 = 86_400;
+/// Days in a 400-year Gregorian cycle.
+const DAYS_PER_ERA: i64 = 146_097;
+/// Days from 0000-03-01 (start of a March-based era) to 1970-01-01.
+const EPOCH_SHIFT_DAYS: i64 = 719_468;
+
+const MONTH_NAMES: [&str; 12] = [
+    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+];
+const WEEKDAY_NAMES: [&str; 7] = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
+
+/// A value known to lie in `0..bound` (bound ≤ 86400) as `u32`, without a truncating cast.
+fn small(value: i64) -> u32 {
+    u32::try_from(value).unwrap_or(0)
+}
+
+/// Splits Unix seconds into a UTC calendar date and time of day.
+pub fn civil(unix_secs: i64) -> Civil {
+    let days = unix_secs.div_euclid(SECONDS_PER_DAY);
+    let secs_of_day = unix_secs.rem_euclid(SECONDS_PER_DAY);
+
+    // Count years from March so that the leap day falls at the end of the year; then a
+    // 400-year era has a fixed length and the day-of-era decomposes without tables.
+    // |days| <= i64::MAX / 86400, so this sum cannot overflow.
+    let shifted = days + EPOCH_SHIFT_DAYS;
+    let era = shifted.div_euclid(DAYS_PER_ERA);
+    let day_of_era = shifted.rem_euclid(DAYS_PER_ERA); // 0..=146096
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365; // 0..=399
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100); // 0..=365
+    let march_month = (5 * day_of_year + 2) / 153; // 0 = March .. 11 = February
+    let day = day_of_year - (153 * march_month + 2) / 5 + 1; // 1..=31
+    let month = if march_month < 10 {
+        march_month + 3
+    } else {
+        march_month - 9
+    };
+    let year = era * 400 + year_of_era + i64::from(month <= 2);
+
+    Civil {
+        year,
+        month: small(month),
+        day: small(day),
+        hour: small(secs_of_day / 3600),
+        minute: small(secs_of_day % 3600 / 60),
+        second: small(secs_of_day % 60),
+        // 1970-01-01 was a Thursday.
+        weekday: small((days + 4).rem_euclid(7)),
+    }
+}
+
+/// Unix seconds of a `SystemTime`, clamped to the epoch for earlier times.
+fn unix_seconds(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(elapsed) => i64::try_from(elapsed.as_secs()).unwrap_or(i64::MAX),
+        Err(_) => 0,
+    }
+}
+
+fn month_name(month: u32) -> &'static str {
+    usize::try_from(month)
+        .ok()
+        .and_then(|m| m.checked_sub(1))
+        .and_then(|i| MONTH_NAMES.get(i))
+        .copied()
+        .unwrap_or("???")
+}
+
+fn weekday_name(weekday: u32) -> &'static str {
+    usize::try_from(weekday)
+        .ok()
+        .and_then(|i| WEEKDAY_NAMES.get(i))
+        .copied()
+        .unwrap_or("???")
+}
+
+/// RFC 5322 date: "Sat, 28 Nov 2026 12:40:57 +0000"
+///
+/// The day of the month is not padded ("Sun, 1 Nov 2026 ..."), as in RFC 5322's examples.
+pub fn rfc5322(t: SystemTime) -> String {
+    let c = civil(unix_seconds(t));
+    format!(
+        "{}, {} {} {:04} {:02}:{:02}:{:02} +0000",
+        weekday_name(c.weekday),
+        c.day,
+        month_name(c.month),
+        c.year,
+        c.hour,
+        c.minute,
+        c.second
+    )
+}
+
+/// syslog RFC 3164 stamp: "Nov 28 12:40:57" (day space-padded as rsyslog shows "Nov  8")
+pub fn syslog_stamp(t: SystemTime) -> String {
+    let c = civil(unix_seconds(t));
+    format!(
+        "{} {:>2} {:02}:{:02}:{:02}",
+        month_name(c.month),
+        c.day,
+        c.hour,
+        c.minute,
+        c.second
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    fn ymd(c: Civil) -> (i64, u32, u32) {
+        (c.year, c.month, c.day)
+    }
+
+    #[test]
+    fn civil_epoch_is_thursday_1970_01_01() {
+        let c = civil(0);
+        assert_eq!(
+            c,
+            Civil {
+                year: 1970,
+                month: 1,
+                day: 1,
+                hour: 0,
+                minute: 0,
+                second: 0,
+                weekday: 4
+            }
+        );
+    }
+
+    #[test]
+    fn civil_leap_day_2000() {
+        // 2000-02-29 00:00:00 UTC, a Tuesday (2000 is a leap year: divisible by 400).
+        let c = civil(951_782_400);
+        assert_eq!(ymd(c), (2000, 2, 29));
+        assert_eq!(c.weekday, 2);
+        assert_eq!(ymd(civil(951_782_400 + 86_400)), (2000, 3, 1));
+    }
+
+    #[test]
+    fn civil_leap_day_2024() {
+        // 2024-02-29 12:34:56 UTC, a Thursday.
+        let c = civil(1_709_210_096);
+        assert_eq!(ymd(c), (2024, 2, 29));
+        assert_eq!((c.hour, c.minute, c.second, c.weekday), (12, 34, 56, 4));
+    }
+
+    #[test]
+    fn civil_2100_is_not_leap() {
+        // 2100-03-01 00:00:00 UTC, a Monday; the day before is 2100-02-28.
+        let c = civil(4_107_542_400);
+        assert_eq!(ymd(c), (2100, 3, 1));
+        assert_eq!(c.weekday, 1);
+        assert_eq!(ymd(civil(4_107_542_400 - 1)), (2100, 2, 28));
+    }
+
+    #[test]
+    fn civil_handles_times_before_epoch() {
+        let c = civil(-1);
+        assert_eq!(ymd(c), (1969, 12, 31));
+        assert_eq!((c.hour, c.minute, c.second, c.weekday), (23, 59, 59, 3));
+    }
+
+    #[test]
+    fn civil_extremes_do_not_panic() {
+        let _ = civil(i64::MAX);
+        let _ = civil(i64::MIN);
+    }
+
+    #[test]
+    fn rfc5322_formats_2026_date() {
+        // 2026-11-28 12:40:57 UTC.
+        assert_eq!(
+            rfc5322(at(1_795_869_657)),
+            "Sat, 28 Nov 2026 12:40:57 +0000"
+        );
+    }
+
+    #[test]
+    fn rfc5322_does_not_pad_day() {
+        // 2026-11-01 00:00:00 UTC.
+        assert_eq!(rfc5322(at(1_793_491_200)), "Sun, 1 Nov 2026 00:00:00 +0000");
+    }
+
+    #[test]
+    fn rfc5322_clamps_before_epoch() {
+        let before = UNIX_EPOCH - Duration::from_secs(10);
+        assert_eq!(rfc5322(before), "Thu, 1 Jan 1970 00:00:00 +0000");
+    }
+
+    #[test]
+    fn syslog_stamp_formats_2026_date() {
+        assert_eq!(syslog_stamp(at(1_795_869_657)), "Nov 28 12:40:57");
+    }
+
+    #[test]
+    fn syslog_stamp_space_pads_day() {
+        // 2026-11-08 09:05:03 UTC.
+        assert_eq!(syslog_stamp(at(1_794_128_703)), "Nov  8 09:05:03");
+    }
+}

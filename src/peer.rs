@@ -1,0 +1,299 @@
+//! Who the client is: its address, port and name, from the launcher's environment (UCSPI
+//! `${PROTO}REMOTEIP`, systemd's `REMOTE_ADDR`, xinetd's `REMOTE_HOST`) or from the socket
+//! itself, in DESIGN §3's order. Owns the `name[addr]` form used in logs and replies.
+//! Does not decide whether the client may use the service (that is `access`).
+
+use std::ffi::OsString;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use nix::sys::socket::{AddressFamily, SockaddrLike, SockaddrStorage, getpeername};
+
+use crate::logging::sanitize;
+
+/// The name of a client nobody could name.
+pub const UNKNOWN: &str = "unknown";
+
+/// The client of one connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Client {
+    /// The client's name, made safe for logs, or "unknown".
+    pub name: String,
+    /// True when `name` came from the launcher or a confirmed DNS look-up (name patterns in
+    /// access lists match only then).
+    pub name_verified: bool,
+    /// The client's address, IPv4-mapped IPv6 turned into IPv4; None when unknown.
+    pub addr: Option<IpAddr>,
+    pub port: Option<u16>,
+    /// Show the port in `namaddr` (`qmqpd_client_port_logging`).
+    pub port_logging: bool,
+}
+
+impl Client {
+    /// A client with no identity (a pipe without UCSPI variables): always denied.
+    pub fn unknown() -> Client {
+        Client {
+            name: UNKNOWN.to_owned(),
+            name_verified: false,
+            addr: None,
+            port: None,
+            port_logging: false,
+        }
+    }
+
+    /// A client at `addr`, name unknown.
+    pub fn at(addr: IpAddr, port: Option<u16>) -> Client {
+        Client {
+            addr: Some(addr.to_canonical()),
+            port,
+            ..Client::unknown()
+        }
+    }
+
+    /// The verified name, for access lists.
+    pub fn verified_name(&self) -> Option<&str> {
+        self.name_verified.then_some(self.name.as_str())
+    }
+
+    /// The address as logged and stored: IPv6 without brackets, or "unknown".
+    pub fn addr_text(&self) -> String {
+        self.addr
+            .map_or_else(|| UNKNOWN.to_owned(), |a| a.to_string())
+    }
+
+    /// `name[addr]`, or `name[addr]:port` with port logging.
+    pub fn namaddr(&self) -> String {
+        match (self.port_logging, self.port) {
+            (true, Some(port)) => format!("{}[{}]:{port}", self.name, self.addr_text()),
+            (true, None) => format!("{}[{}]:{UNKNOWN}", self.name, self.addr_text()),
+            _ => format!("{}[{}]", self.name, self.addr_text()),
+        }
+    }
+}
+
+/// The launcher's variables that say who the client is, read once at start-up.
+#[derive(Debug, Clone, Default)]
+pub struct LaunchEnv {
+    /// `${PROTO}REMOTEIP` (or the TCP/TCP6 fallbacks) when PROTO is set.
+    pub ucspi_ip: Option<OsString>,
+    pub ucspi_port: Option<OsString>,
+    pub ucspi_host: Option<OsString>,
+    /// systemd Accept=yes.
+    pub remote_addr: Option<OsString>,
+    pub remote_port: Option<OsString>,
+    /// xinetd and stunnel: an IP address.
+    pub remote_host: Option<OsString>,
+}
+
+impl LaunchEnv {
+    /// Reads the variables from the process environment.
+    pub fn from_env() -> LaunchEnv {
+        let get = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+        let proto = get("PROTO").and_then(|p| p.into_string().ok());
+        let proto = proto.filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric()));
+        let mut env = LaunchEnv {
+            remote_addr: get("REMOTE_ADDR"),
+            remote_port: get("REMOTE_PORT"),
+            remote_host: get("REMOTE_HOST"),
+            ..LaunchEnv::default()
+        };
+        if let Some(proto) = proto {
+            for family in [proto.as_str(), "TCP", "TCP6"] {
+                if let Some(ip) = get(&format!("{family}REMOTEIP")) {
+                    env.ucspi_ip = Some(ip);
+                    env.ucspi_port = get(&format!("{family}REMOTEPORT"));
+                    env.ucspi_host = get(&format!("{family}REMOTEHOST"));
+                    break;
+                }
+            }
+        }
+        env
+    }
+}
+
+/// What the connection's file descriptor says about the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketPeer {
+    Inet(SocketAddr),
+    /// A UNIX-domain socket: the client is this host.
+    Local,
+    /// Not a socket (a pipe or a file), or the peer is gone.
+    None,
+}
+
+/// Asks the socket who its peer is.
+pub fn socket_peer(fd: BorrowedFd<'_>) -> SocketPeer {
+    let Ok(addr) = getpeername::<SockaddrStorage>(fd.as_raw_fd()) else {
+        return SocketPeer::None;
+    };
+    if let Some(v4) = addr.as_sockaddr_in() {
+        return SocketPeer::Inet(SocketAddr::V4((*v4).into()));
+    }
+    if let Some(v6) = addr.as_sockaddr_in6() {
+        return SocketPeer::Inet(SocketAddr::V6((*v6).into()));
+    }
+    match addr.family() {
+        Some(AddressFamily::Unix) => SocketPeer::Local,
+        _ => SocketPeer::None,
+    }
+}
+
+/// Decides who the client is (DESIGN §3): UCSPI variables first, then the socket, then the
+/// variables of launchers that pass no socket; else unknown.
+pub fn identify(env: &LaunchEnv, sock: SocketPeer, port_logging: bool) -> Client {
+    let mut client = identify_unlogged(env, sock);
+    client.port_logging = port_logging;
+    client
+}
+
+fn identify_unlogged(env: &LaunchEnv, sock: SocketPeer) -> Client {
+    if let Some(ip) = &env.ucspi_ip {
+        let Some(addr) = parse_ip(ip) else {
+            log::warn!(
+                "cannot parse the client address {:?} from the launcher",
+                sanitize(ip.as_encoded_bytes())
+            );
+            return Client::unknown();
+        };
+        let mut client = Client::at(addr, env.ucspi_port.as_ref().and_then(parse_port));
+        if let Some(host) = &env.ucspi_host {
+            client.name = sanitize(host.as_encoded_bytes()).to_ascii_lowercase();
+            client.name_verified = client.name != UNKNOWN;
+        }
+        return client;
+    }
+    match sock {
+        SocketPeer::Inet(sa) => Client::at(sa.ip(), Some(sa.port())),
+        SocketPeer::Local => Client {
+            name: "localhost".to_owned(),
+            name_verified: true,
+            addr: Some(IpAddr::from([127, 0, 0, 1])),
+            port: None,
+            port_logging: false,
+        },
+        SocketPeer::None => {
+            if let Some(addr) = env.remote_addr.as_ref().and_then(parse_ip) {
+                Client::at(addr, env.remote_port.as_ref().and_then(parse_port))
+            } else if let Some(addr) = env.remote_host.as_ref().and_then(parse_ip) {
+                Client::at(addr, None)
+            } else {
+                Client::unknown()
+            }
+        }
+    }
+}
+
+/// Parses an address from the environment; a `%zone` suffix is dropped.
+fn parse_ip(value: &OsString) -> Option<IpAddr> {
+    let text = value.to_str()?.trim();
+    let text = text.split_once('%').map_or(text, |(a, _)| a);
+    let text = text
+        .strip_prefix('[')
+        .and_then(|t| t.strip_suffix(']'))
+        .unwrap_or(text);
+    text.parse::<IpAddr>().ok().map(|a| a.to_canonical())
+}
+
+fn parse_port(value: &OsString) -> Option<u16> {
+    value.to_str()?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn os(s: &str) -> Option<OsString> {
+        Some(OsString::from(s))
+    }
+
+    #[test]
+    fn identify_prefers_ucspi_and_canonicalises_mapped_addresses() {
+        let env = LaunchEnv {
+            ucspi_ip: os("::ffff:192.0.2.7"),
+            ucspi_port: os("4242"),
+            ucspi_host: os("Client.Example"),
+            ..LaunchEnv::default()
+        };
+        let sock = SocketPeer::Inet("127.0.0.1:1".parse().unwrap());
+        let c = identify(&env, sock, false);
+        assert_eq!(c.addr, Some("192.0.2.7".parse().unwrap()));
+        assert_eq!(c.namaddr(), "client.example[192.0.2.7]");
+        assert_eq!(c.verified_name(), Some("client.example"));
+        assert_eq!(
+            identify(&env, sock, true).namaddr(),
+            "client.example[192.0.2.7]:4242"
+        );
+    }
+
+    #[test]
+    fn identify_uses_socket_then_remote_variables() {
+        let sock = SocketPeer::Inet("[::ffff:10.1.2.3]:99".parse().unwrap());
+        assert_eq!(
+            identify(&LaunchEnv::default(), sock, false).namaddr(),
+            "unknown[10.1.2.3]"
+        );
+        let env = LaunchEnv {
+            remote_addr: os("2001:db8::5"),
+            remote_port: os("7"),
+            ..LaunchEnv::default()
+        };
+        assert_eq!(
+            identify(&env, SocketPeer::None, true).namaddr(),
+            "unknown[2001:db8::5]:7"
+        );
+        let env = LaunchEnv {
+            remote_host: os("::ffff:127.0.0.1"),
+            ..LaunchEnv::default()
+        };
+        assert_eq!(
+            identify(&env, SocketPeer::None, false).namaddr(),
+            "unknown[127.0.0.1]"
+        );
+    }
+
+    #[test]
+    fn identify_treats_unix_socket_as_localhost() {
+        let c = identify(&LaunchEnv::default(), SocketPeer::Local, false);
+        assert_eq!(c.namaddr(), "localhost[127.0.0.1]");
+    }
+
+    #[test]
+    fn identify_leaves_bare_pipe_unknown() {
+        let c = identify(&LaunchEnv::default(), SocketPeer::None, false);
+        assert_eq!(c.namaddr(), "unknown[unknown]");
+        assert_eq!(c.addr, None);
+        assert_eq!(c.verified_name(), None);
+    }
+
+    #[test]
+    fn identify_rejects_garbage_and_escapes_host_names() {
+        let env = LaunchEnv {
+            ucspi_ip: os("not-an-ip"),
+            ..LaunchEnv::default()
+        };
+        assert_eq!(identify(&env, SocketPeer::None, false), Client::unknown());
+        let env = LaunchEnv {
+            ucspi_ip: os("fe80::1%eth0"),
+            ucspi_host: os("evil\nhost"),
+            ..LaunchEnv::default()
+        };
+        let c = identify(&env, SocketPeer::None, false);
+        assert_eq!(c.namaddr(), "evil\\nhost[fe80::1]");
+    }
+
+    #[test]
+    fn socket_peer_sees_tcp_unix_and_pipes() {
+        use std::os::fd::AsFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let stream = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        assert_eq!(
+            socket_peer(server.as_fd()),
+            SocketPeer::Inet(stream.local_addr().unwrap())
+        );
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert_eq!(socket_peer(a.as_fd()), SocketPeer::Local);
+        let (r, _w) = std::io::pipe().unwrap();
+        assert_eq!(socket_peer(r.as_fd()), SocketPeer::None);
+    }
+}

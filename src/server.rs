@@ -1,0 +1,424 @@
+//! One connection from identification to reply, and the accept loop that serves many.
+//!
+//! Owns the edges of a transaction: timeouts on every read and write (`qmqpd_timeout`) and
+//! on the whole connection (`daemon_timeout`), the `connect from`/`disconnect from` lines,
+//! the access decision, debug peers, and a clean close after the reply. The accept loop
+//! runs one thread per connection, at most `default_process_limit` at once, and stops on
+//! SIGTERM/SIGINT, after `max_use` connections or after `max_idle` without work.
+
+use std::fs::File;
+use std::io::{self, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::socket::{Shutdown, shutdown};
+
+use crate::access::{AccessError, MatchList};
+use crate::config::Params;
+use crate::peer::{self, Client, LaunchEnv, SocketPeer};
+use crate::queue::Queue;
+use crate::session::{self, Outcome, Transaction};
+
+/// How long a closing connection waits for the client to finish sending after an early
+/// reply, so that unread input does not turn the close into a reset that destroys the reply.
+const LINGER: Duration = Duration::from_secs(2);
+/// How long a stopping listener waits for running transactions at most.
+const STOP_GRACE: Duration = Duration::from_secs(30);
+/// Read buffer size: large enough that a big message costs few system calls.
+const READ_BUFFER: usize = 64 * 1024;
+
+/// What every connection needs: the configuration and what was built from it at start-up.
+pub struct Service {
+    pub params: Params,
+    pub clients: MatchList,
+    pub debug_peers: MatchList,
+    pub queue: Queue,
+    pub env: LaunchEnv,
+}
+
+impl Service {
+    /// Builds the service; a broken access list is a configuration error.
+    pub fn new(params: Params, env: LaunchEnv) -> Result<Service, AccessError> {
+        let clients =
+            MatchList::parse("qmqpd_authorized_clients", &params.qmqpd_authorized_clients)?;
+        let debug_peers = MatchList::parse("debug_peer_list", &params.debug_peer_list)?;
+        for warning in clients.warnings().iter().chain(debug_peers.warnings()) {
+            log::warn!("{warning}");
+        }
+        let queue = Queue::new(&params.queue_directory, &params.myhostname);
+        Ok(Service {
+            params,
+            clients,
+            debug_peers,
+            queue,
+            env,
+        })
+    }
+}
+
+/// A client connection: where the request is read from and the reply written to.
+pub struct Connection {
+    rd: File,
+    wr: File,
+}
+
+impl Connection {
+    /// The connection on stdin/stdout (inetd, xinetd, tcpserver, pipes).
+    pub fn stdio() -> io::Result<Connection> {
+        Ok(Connection {
+            rd: File::from(io::stdin().as_fd().try_clone_to_owned()?),
+            wr: File::from(io::stdout().as_fd().try_clone_to_owned()?),
+        })
+    }
+
+    /// A connected socket (accepted, or passed by systemd with Accept=yes).
+    pub fn socket(fd: OwnedFd) -> io::Result<Connection> {
+        let wr = File::from(fd.try_clone()?);
+        Ok(Connection {
+            rd: File::from(fd),
+            wr,
+        })
+    }
+
+    /// Who is at the other end, according to the descriptor.
+    pub fn peer(&self) -> SocketPeer {
+        peer::socket_peer(self.rd.as_fd())
+    }
+}
+
+/// Reads or writes with a per-operation timeout and an overall deadline.
+struct Timed<'a> {
+    file: &'a File,
+    timeout: Duration,
+    deadline: Instant,
+}
+
+impl Timed<'_> {
+    /// Waits until the descriptor is ready; `TimedOut` when a limit passes first.
+    fn wait(&self, flags: PollFlags) -> io::Result<()> {
+        loop {
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            let wait = left.min(self.timeout);
+            if wait.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            let timeout = PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX);
+            let mut fds = [PollFd::new(self.file.as_fd(), flags)];
+            match poll(&mut fds, timeout) {
+                Ok(0) => return Err(io::ErrorKind::TimedOut.into()),
+                Ok(_) => return Ok(()),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+impl Read for Timed<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.wait(PollFlags::POLLIN)?;
+        (&mut &*self.file).read(buf)
+    }
+}
+
+impl Write for Timed<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.wait(PollFlags::POLLOUT)?;
+        (&mut &*self.file).write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Serves one connection: identify, check access, run the transaction, close cleanly.
+pub fn serve_connection(svc: &Service, conn: Connection) -> Outcome {
+    let params = &svc.params;
+    let started = Instant::now();
+    let deadline = started
+        .checked_add(params.daemon_timeout)
+        .unwrap_or(started + Duration::from_secs(86400 * 365));
+    let client = peer::identify(&svc.env, conn.peer(), params.qmqpd_client_port_logging);
+    let debug_peer = svc.debug_peers.matches(client.verified_name(), client.addr);
+    if debug_peer {
+        crate::logging::set_thread_boost(params.debug_peer_level);
+    }
+    log::info!("connect from {}", client.namaddr());
+    let authorized = svc.clients.matches(client.verified_name(), client.addr);
+    let outcome = run_transaction(svc, &conn, &client, authorized, deadline);
+    close(&conn, &outcome, deadline);
+    log::info!("disconnect from {}", client.namaddr());
+    if client.addr.is_none() && !authorized {
+        log::warn!(
+            "the client of a connection that is not a socket is unknown: run qmqpd under a \
+             launcher that names it (ucspi-tcp sets PROTO=TCP TCPREMOTEIP=...)"
+        );
+    }
+    if debug_peer {
+        crate::logging::set_thread_boost(0);
+    }
+    outcome
+}
+
+fn run_transaction(
+    svc: &Service,
+    conn: &Connection,
+    client: &Client,
+    authorized: bool,
+    deadline: Instant,
+) -> Outcome {
+    let timeout = svc.params.qmqpd_timeout;
+    let rd = Timed {
+        file: &conn.rd,
+        timeout,
+        deadline,
+    };
+    let mut wr = Timed {
+        file: &conn.wr,
+        timeout,
+        deadline,
+    };
+    let mut rdr = BufReader::with_capacity(READ_BUFFER, rd);
+    let t = Transaction {
+        client,
+        params: &svc.params,
+        queue: &svc.queue,
+        authorized,
+    };
+    session::serve(&mut rdr, &mut wr, &t)
+}
+
+/// Ends the connection after the reply: shut down our write side, and when the client
+/// may still be sending (an early reply), read and discard for a moment so the close does
+/// not reset the connection before the client reads the reply.
+fn close(conn: &Connection, outcome: &Outcome, deadline: Instant) {
+    let is_socket = shutdown(conn.wr.as_raw_fd(), Shutdown::Write).is_ok();
+    if !is_socket || outcome.request_read || matches!(outcome.end, session::End::Lost { .. }) {
+        return;
+    }
+    let mut rd = Timed {
+        file: &conn.rd,
+        timeout: LINGER,
+        deadline: deadline.min(Instant::now() + LINGER),
+    };
+    let mut buf = [0u8; 8192];
+    while let Ok(n) = rd.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+/// Set by SIGTERM/SIGINT; wakes the accept loop through a socket pair.
+pub struct StopSignal {
+    stopped: AtomicBool,
+    wake_rx: UnixStream,
+    wake_tx: UnixStream,
+}
+
+impl StopSignal {
+    /// Blocks SIGTERM and SIGINT in this thread (and so in every thread started later) and
+    /// starts a thread that waits for them. Call before starting any other thread.
+    pub fn install() -> io::Result<Arc<StopSignal>> {
+        let (wake_rx, wake_tx) = UnixStream::pair()?;
+        let signal = Arc::new(StopSignal {
+            stopped: AtomicBool::new(false),
+            wake_rx,
+            wake_tx,
+        });
+        let mut set = SigSet::empty();
+        set.add(Signal::SIGTERM);
+        set.add(Signal::SIGINT);
+        set.thread_block()?;
+        let waiter = Arc::clone(&signal);
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                while let Ok(sig) = set.wait() {
+                    log::info!("{sig}: stopping: no new connections");
+                    waiter.stop();
+                }
+            })?;
+        Ok(signal)
+    }
+
+    /// Asks the accept loop to stop.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        let _ = (&self.wake_tx).write(b"x");
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
+    }
+}
+
+/// When a listener exits by itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections to serve before exiting (systemd listener mode).
+    pub max_use: Option<u64>,
+    /// Idle time without connections before exiting (systemd listener mode).
+    pub max_idle: Option<Duration>,
+    /// Connections served at once.
+    pub process_limit: usize,
+}
+
+/// Counts running connections so the loop can stop accepting at the cap.
+struct Active {
+    count: Mutex<usize>,
+    changed: Condvar,
+}
+
+impl Active {
+    fn get(&self) -> usize {
+        *self.count.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits up to `wait` while the count is at least `limit`; returns the count.
+    fn wait_below(&self, limit: usize, wait: Duration) -> usize {
+        let guard = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        let (guard, _) = self
+            .changed
+            .wait_timeout_while(guard, wait, |n| *n >= limit)
+            .unwrap_or_else(|e| e.into_inner());
+        *guard
+    }
+
+    fn add(&self, delta: isize) {
+        let mut n = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        *n = n.saturating_add_signed(delta);
+        self.changed.notify_all();
+    }
+}
+
+/// Releases a connection slot when the connection's thread ends, even by a panic.
+struct Slot(Arc<Active>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.add(-1);
+    }
+}
+
+/// Accepts connections on `listeners` until stopped; returns how many were served.
+pub fn run_listeners(
+    svc: Arc<Service>,
+    listeners: &[TcpListener],
+    limits: Limits,
+    stop: &StopSignal,
+) -> io::Result<u64> {
+    for l in listeners {
+        l.set_nonblocking(true)?;
+    }
+    let active = Arc::new(Active {
+        count: Mutex::new(0),
+        changed: Condvar::new(),
+    });
+    let limit = limits.process_limit.max(1);
+    let mut served: u64 = 0;
+    let mut idle_since = Instant::now();
+    loop {
+        if stop.is_stopped() || limits.max_use.is_some_and(|m| served >= m) {
+            break;
+        }
+        // At the cap, stop accepting: connections wait in the kernel's queue, none is dropped.
+        if active.wait_below(limit, Duration::from_secs(1)) >= limit {
+            continue;
+        }
+        let busy = active.get() > 0;
+        if busy {
+            idle_since = Instant::now();
+        }
+        let wait = match limits.max_idle {
+            Some(idle) if !busy => {
+                let left = idle.saturating_sub(idle_since.elapsed());
+                if left.is_zero() {
+                    log::info!("idle for {}s: exiting", idle.as_secs());
+                    break;
+                }
+                left.min(Duration::from_secs(1))
+            }
+            _ => Duration::from_secs(1),
+        };
+        let mut fds: Vec<PollFd<'_>> = listeners
+            .iter()
+            .map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN))
+            .collect();
+        fds.push(PollFd::new(stop.wake_rx.as_fd(), PollFlags::POLLIN));
+        match poll(
+            &mut fds,
+            PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX),
+        ) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Ok(_) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let ready: Vec<bool> = fds.iter().map(|f| f.any().unwrap_or(false)).collect();
+        drop(fds);
+        for (listener, _) in listeners.iter().zip(ready).filter(|(_, r)| *r) {
+            let stream = match listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::Interrupted =>
+                {
+                    continue;
+                }
+                Err(e) => {
+                    log::warn!("accept: {e}");
+                    continue;
+                }
+            };
+            served += 1;
+            idle_since = Instant::now();
+            if let Err(e) = stream.set_nonblocking(false) {
+                log::warn!("cannot make connection blocking: {e}");
+                continue;
+            }
+            let conn = match Connection::socket(OwnedFd::from(stream)) {
+                Ok(conn) => conn,
+                Err(e) => {
+                    log::warn!("cannot set up connection: {e}");
+                    continue;
+                }
+            };
+            active.add(1);
+            let slot = Slot(Arc::clone(&active));
+            let svc_for_thread = Arc::clone(&svc);
+            let spawned = std::thread::Builder::new()
+                .name("connection".into())
+                .spawn(move || {
+                    let _slot = slot;
+                    serve_connection(&svc_for_thread, conn);
+                });
+            if let Err(e) = spawned {
+                log::warn!("cannot start a connection thread: {e}");
+            }
+            if limits.max_use.is_some_and(|m| served >= m) {
+                break;
+            }
+        }
+    }
+    // Let running transactions finish, within bounds.
+    let grace = STOP_GRACE.min(svc.params.qmqpd_timeout);
+    let deadline = Instant::now() + grace;
+    while active.get() > 0 && Instant::now() < deadline {
+        active.wait_below(1, deadline.saturating_duration_since(Instant::now()));
+    }
+    Ok(served)
+}
+
+/// True when `fd` is a listening socket (SO_ACCEPTCONN), as systemd's Accept=no passes.
+pub fn is_listening(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(nix::sys::socket::getsockopt(
+        &fd,
+        nix::sys::socket::sockopt::AcceptConn,
+    )?)
+}

@@ -1,0 +1,474 @@
+//! One QMQP transaction over any `BufRead + Write` and a queue directory.
+//!
+//! Stages, each with Postfix's "where" words: the packet header (`N:`), the message, the
+//! sender, the recipients and the outer `,`; then the reply. The outer length is a byte
+//! budget every field is charged against, so memory and reads stay bounded. Once a request
+//! is rejected, the rest of it is read and discarded (the drain rule) so the client can read
+//! its reply, unless it is far too large or stops being netstrings. This module never touches
+//! a socket, a file descriptor, the environment or an exit code.
+
+use std::io::{self, BufRead, Write};
+use std::time::SystemTime;
+
+use crate::config::Params;
+use crate::logging::sanitize;
+use crate::message::{self, Origin, Rewriter};
+use crate::netstring::{self, NetstringError};
+use crate::peer::Client;
+use crate::queue::{self, Attributes, Queue, QueueFile};
+use crate::reply::{Rejection, Reply, Where};
+
+/// A rejected request is drained only while its declared length is at most this many times
+/// `message_size_limit` (DESIGN §5).
+const DRAIN_FACTOR: u64 = 4;
+/// The drain bound when `message_size_limit` is 0 (no limit): four times the default limit.
+const DRAIN_FALLBACK: u64 = 4 * 10_240_000;
+
+/// Everything one transaction needs besides the connection.
+pub struct Transaction<'a> {
+    pub client: &'a Client,
+    pub params: &'a Params,
+    pub queue: &'a Queue,
+    /// The access-list verdict for this client.
+    pub authorized: bool,
+}
+
+/// How a transaction ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum End {
+    /// The client was sent this reply.
+    Replied(Reply),
+    /// The client went away or timed out before the end of its request; nothing was queued.
+    Lost { at: Where, timeout: bool },
+    /// The reply could not be delivered (for a `Queued` reply the message is in the queue).
+    ReplyFailed(Reply),
+}
+
+/// The result of `serve`, for the caller's logging, connection handling and exit status.
+#[derive(Debug)]
+pub struct Outcome {
+    pub end: End,
+    /// True when the whole request, outer `,` included, was read.
+    pub request_read: bool,
+}
+
+impl Outcome {
+    /// True when the client got (or should have got) `Z` because of a problem on our side.
+    pub fn local_failure(&self) -> bool {
+        match &self.end {
+            End::Replied(Reply::Rejected(r)) | End::ReplyFailed(Reply::Rejected(r)) => {
+                r.is_local_failure()
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Why reading stopped early.
+enum Stop {
+    /// The connection broke or timed out.
+    Lost { at: Where, timeout: bool },
+    /// Reply now without reading further (unparseable or undrainably large request).
+    ReplyNow(Rejection),
+}
+
+/// Serves one transaction: reads the request from `rdr`, queues it, writes one reply to `wtr`.
+pub fn serve<R: BufRead, W: Write>(rdr: &mut R, wtr: &mut W, t: &Transaction<'_>) -> Outcome {
+    let mut s = Session::new(t);
+    let stop = s.receive(rdr).err();
+    let request_read = stop.is_none();
+    let reply = match stop {
+        Some(Stop::Lost { at, timeout }) => {
+            s.drop_file();
+            let reason = if timeout {
+                "read timeout"
+            } else {
+                "lost connection"
+            };
+            log::info!(
+                "{}: {}: {reason} while {at}",
+                s.log_id(),
+                t.client.namaddr()
+            );
+            return Outcome {
+                end: End::Lost { at, timeout },
+                request_read,
+            };
+        }
+        Some(Stop::ReplyNow(why)) => {
+            s.reject(why);
+            s.finish()
+        }
+        None => s.finish(),
+    };
+    let end = s.send_reply(wtr, reply);
+    Outcome { end, request_read }
+}
+
+/// State of one transaction.
+struct Session<'a> {
+    t: &'a Transaction<'a>,
+    queue_id: Option<String>,
+    file: Option<QueueFile>,
+    rejection: Option<Rejection>,
+    /// Bytes of the outer netstring not yet read.
+    budget: u64,
+    sender: Vec<u8>,
+    recipients: u64,
+    message_len: u64,
+    message_id: Option<String>,
+    field: Vec<u8>,
+}
+
+impl<'a> Session<'a> {
+    fn new(t: &'a Transaction<'a>) -> Session<'a> {
+        Session {
+            t,
+            queue_id: None,
+            file: None,
+            rejection: None,
+            budget: 0,
+            sender: Vec::new(),
+            recipients: 0,
+            message_len: 0,
+            message_id: None,
+            field: Vec::new(),
+        }
+    }
+
+    fn log_id(&self) -> &str {
+        self.queue_id.as_deref().unwrap_or("NOQUEUE")
+    }
+
+    /// Records the first rejection; later ones do not change the reply. The queue file goes.
+    fn reject(&mut self, why: Rejection) {
+        if self.rejection.is_none() {
+            self.rejection = Some(why);
+        }
+        self.drop_file();
+    }
+
+    fn drop_file(&mut self) {
+        self.file = None;
+    }
+
+    /// Where accepted bytes go: the queue file, or nowhere once the request is rejected.
+    fn sink(&mut self) -> Sink<'_> {
+        match &mut self.file {
+            Some(file) if self.rejection.is_none() => Sink::File(file),
+            _ => Sink::Discard,
+        }
+    }
+
+    /// Writes to the queue file; a failure rejects the request with a write error.
+    fn store(&mut self, bytes: &[u8]) {
+        if let Sink::File(file) = self.sink()
+            && let Err(e) = file.write_all(bytes)
+        {
+            self.write_failed(&e);
+        }
+    }
+
+    fn write_failed(&mut self, e: &io::Error) {
+        log::warn!("{}: cannot write queue file: {e}", self.log_id());
+        self.reject(Rejection::WriteError);
+    }
+
+    fn receive<R: BufRead>(&mut self, rdr: &mut R) -> Result<(), Stop> {
+        let params = self.t.params;
+        if !self.t.authorized {
+            self.reject(Rejection::NotAuthorized(self.t.client.namaddr()));
+        }
+        let len = netstring::read_len(rdr, None)
+            .map_err(|e| stop(e, Where::Header, Rejection::TooLarge))?;
+        if params.message_size_limit > 0 && len > params.message_size_limit {
+            self.reject(Rejection::TooLarge);
+        }
+        if self.rejection.is_some() {
+            let limit = match params.message_size_limit {
+                0 => DRAIN_FALLBACK,
+                n => n.saturating_mul(DRAIN_FACTOR),
+            };
+            if len > limit {
+                return Err(Stop::ReplyNow(Rejection::TooLarge));
+            }
+        } else {
+            self.open_file();
+        }
+        self.budget = len;
+        self.receive_message(rdr)?;
+        self.receive_sender(rdr)?;
+        while self.budget > 0 {
+            self.receive_recipient(rdr)?;
+        }
+        netstring::read_comma(rdr)
+            .map_err(|e| stop(e, Where::Recipient, Rejection::Format(Where::Recipient)))?;
+        if self.recipients == 0 {
+            self.reject(Rejection::NoRecipients);
+        }
+        Ok(())
+    }
+
+    /// Creates the queue file and writes its attributes block.
+    fn open_file(&mut self) {
+        let now = SystemTime::now();
+        let id = queue::new_queue_id(now);
+        let client = self.t.client;
+        log::info!("{id}: client={}", client.namaddr());
+        self.queue_id = Some(id.clone());
+        match self.t.queue.create(&id) {
+            Ok(file) => self.file = Some(file),
+            Err(e) => {
+                self.write_failed(&e);
+                return;
+            }
+        }
+        let mut attrs = Attributes::default();
+        attrs.push("queue_id", &id);
+        attrs.push("arrival_time", &arrival_time(now));
+        attrs.push("client_name", &client.name);
+        attrs.push("client_address", &client.addr_text());
+        attrs.push(
+            "client_port",
+            &client
+                .port
+                .map_or_else(|| "unknown".to_owned(), |p| p.to_string()),
+        );
+        attrs.push("protocol_name", "QMQP");
+        let params = self.t.params;
+        if !params.content_filter.is_empty() {
+            attrs.push("content_filter", &params.content_filter);
+        }
+        if !params.receive_override_options.is_empty() {
+            attrs.push("receive_override_options", &params.receive_override_options);
+        }
+        let block = netstring::encode(&attrs.encode());
+        self.store(&block);
+    }
+
+    /// Reads an inner netstring's `LEN:`, charged to the budget, and checks that the payload
+    /// and its `,` fit in what is left.
+    fn read_field_len<R: BufRead>(&mut self, rdr: &mut R, at: Where) -> Result<u64, Stop> {
+        let len = netstring::read_len(rdr, Some(&mut self.budget))
+            .map_err(|e| stop(e, at, Rejection::Format(at)))?;
+        match len.checked_add(1) {
+            Some(total) if total <= self.budget => {
+                self.budget -= total;
+                Ok(len)
+            }
+            _ => Err(Stop::ReplyNow(Rejection::Format(at))),
+        }
+    }
+
+    fn receive_message<R: BufRead>(&mut self, rdr: &mut R) -> Result<(), Stop> {
+        let at = Where::Message;
+        let len = self.read_field_len(rdr, at)?;
+        let mut rewriter = self
+            .file
+            .is_some()
+            .then(|| Rewriter::new(self.received_header(), len));
+        let hopcount_limit = self.t.params.hopcount_limit;
+        let mut left = len;
+        let mut first = None;
+        while left > 0 {
+            let chunk = netstring::fill(rdr).map_err(|e| stop(e, at, Rejection::Format(at)))?;
+            let n = usize::try_from(left).map_or(chunk.len(), |l| chunk.len().min(l));
+            let chunk = &chunk[..n];
+            if first.is_none() {
+                first = chunk.first().copied();
+            }
+            if let Some(rw) = &mut rewriter {
+                let result = match &mut self.file {
+                    Some(file) if self.rejection.is_none() => rw.push(chunk, file),
+                    _ => Ok(()),
+                };
+                if let Err(e) = result {
+                    self.write_failed(&e);
+                } else if rw.hops() >= hopcount_limit && self.rejection.is_none() {
+                    self.reject(Rejection::TooManyHops);
+                }
+            }
+            rdr.consume(n);
+            left -= n as u64;
+        }
+        netstring::read_comma(rdr).map_err(|e| stop(e, at, Rejection::Format(at)))?;
+        if let Some(mut rw) = rewriter {
+            if let Some(file) = &mut self.file
+                && self.rejection.is_none()
+                && let Err(e) = rw.finish(file)
+            {
+                self.write_failed(&e);
+            }
+            if rw.hops() >= hopcount_limit {
+                self.reject(Rejection::TooManyHops);
+            }
+            self.message_id = rw.message_id().map(sanitize);
+        }
+        if len == 1 && first == Some(b'M') {
+            self.reject(Rejection::Streaming);
+        }
+        self.message_len = len;
+        Ok(())
+    }
+
+    fn received_header(&self) -> Vec<u8> {
+        let params = self.t.params;
+        let date = crate::date::rfc5322(SystemTime::now());
+        message::received_header(&Origin {
+            client_name: &self.t.client.name,
+            client_addr: self.t.client.addr,
+            myhostname: &params.myhostname,
+            mail_name: &params.mail_name,
+            queue_id: self.queue_id.as_deref().unwrap_or(""),
+            date: &date,
+        })
+    }
+
+    /// Reads a sender or recipient into `self.field`; returns false (after skipping it) when
+    /// it is longer than `line_length_limit`.
+    fn read_address<R: BufRead>(&mut self, rdr: &mut R, at: Where) -> Result<bool, Stop> {
+        let len = self.read_field_len(rdr, at)?;
+        let fits = len <= self.t.params.line_length_limit;
+        let read = match usize::try_from(len) {
+            Ok(n) if fits => netstring::read_exact_into(rdr, n, &mut self.field),
+            _ => netstring::skip(rdr, len),
+        };
+        read.and_then(|()| netstring::read_comma(rdr))
+            .map_err(|e| stop(e, at, Rejection::Format(at)))?;
+        if !fits {
+            self.reject(Rejection::FieldTooLong(at));
+        }
+        Ok(fits)
+    }
+
+    fn receive_sender<R: BufRead>(&mut self, rdr: &mut R) -> Result<(), Stop> {
+        if !self.read_address(rdr, Where::Sender)? {
+            return Ok(());
+        }
+        self.sender = std::mem::take(&mut self.field);
+        if self.sender.iter().any(|&b| matches!(b, 0 | b'\r' | b'\n')) {
+            self.reject(Rejection::BadSender);
+        } else if let Some(delims) = verp_delimiters(&self.sender) {
+            let filter = &self.t.params.verp_delimiter_filter;
+            if !delims.chars().all(|c| filter.contains(c)) {
+                self.reject(Rejection::Verp(delims, filter.clone()));
+            }
+        }
+        let encoded = netstring::encode(&self.sender);
+        self.store(&encoded);
+        Ok(())
+    }
+
+    fn receive_recipient<R: BufRead>(&mut self, rdr: &mut R) -> Result<(), Stop> {
+        if !self.read_address(rdr, Where::Recipient)? {
+            return Ok(());
+        }
+        self.recipients += 1;
+        if self.field.is_empty() || self.field.iter().any(|&b| matches!(b, 0 | b'\r' | b'\n')) {
+            self.reject(Rejection::BadRecipient);
+        }
+        let encoded = netstring::encode(&self.field);
+        self.store(&encoded);
+        Ok(())
+    }
+
+    /// Commits the queue file when everything was fine; decides the reply.
+    fn finish(&mut self) -> Reply {
+        if let Some(why) = &self.rejection {
+            return Reply::Rejected(why.clone());
+        }
+        let Some(file) = self.file.take() else {
+            return Reply::Rejected(Rejection::Internal);
+        };
+        if let Err(e) = file.commit() {
+            self.write_failed(&e);
+            return Reply::Rejected(Rejection::WriteError);
+        }
+        let id = self.queue_id.clone().unwrap_or_default();
+        if let Some(mid) = &self.message_id {
+            log::info!("{id}: message-id={mid}");
+        }
+        log::info!(
+            "{id}: from=<{}>, size={}, nrcpt={} (queued)",
+            sanitize(&self.sender),
+            self.message_len,
+            self.recipients
+        );
+        Reply::Queued(id)
+    }
+
+    /// Waits `qmqpd_error_delay` before a non-K reply, logs it, and writes it.
+    fn send_reply<W: Write>(&self, wtr: &mut W, reply: Reply) -> End {
+        let params = self.t.params;
+        if let Reply::Rejected(_) = &reply {
+            log::warn!(
+                "{}: {}: {}",
+                self.log_id(),
+                self.t.client.namaddr(),
+                reply.text()
+            );
+            if !params.qmqpd_error_delay.is_zero() {
+                std::thread::sleep(params.qmqpd_error_delay);
+            }
+        }
+        let bytes = reply.encode(params.soft_bounce);
+        match wtr.write_all(&bytes).and_then(|()| wtr.flush()) {
+            Ok(()) => End::Replied(reply),
+            Err(e) => {
+                let reason = match e.kind() {
+                    io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => "write timeout",
+                    _ => "lost connection",
+                };
+                log::info!(
+                    "{}: {}: {reason} while {}",
+                    self.log_id(),
+                    self.t.client.namaddr(),
+                    Where::Reply
+                );
+                End::ReplyFailed(reply)
+            }
+        }
+    }
+}
+
+/// Where accepted bytes go.
+enum Sink<'f> {
+    File(&'f mut QueueFile),
+    Discard,
+}
+
+/// Maps a codec error at `at` to a stop: connection problems end the transaction, format
+/// errors reply at once (`overflow` is what an over-long length means at this stage).
+fn stop(e: NetstringError, at: Where, overflow: Rejection) -> Stop {
+    match e {
+        NetstringError::Lost(_) => Stop::Lost { at, timeout: false },
+        NetstringError::Timeout => Stop::Lost { at, timeout: true },
+        NetstringError::Format => Stop::ReplyNow(Rejection::Format(at)),
+        NetstringError::Overflow => Stop::ReplyNow(match at {
+            Where::Header => overflow,
+            _ => Rejection::Format(at),
+        }),
+    }
+}
+
+/// The VERP delimiters a `prefix@origin-@[]` sender asks for (Postfix's rule: the character
+/// before the first `@`, then `=`), or None when the sender is not such an address.
+pub fn verp_delimiters(sender: &[u8]) -> Option<String> {
+    let n = sender.len();
+    if n <= 4 || !sender.ends_with(b"-@[]") {
+        return None;
+    }
+    let at = sender.iter().position(|&b| b == b'@')?;
+    // A non-empty prefix before the delimiter, and a non-empty origin after the '@'.
+    if at < 2 || at + 5 >= n {
+        return None;
+    }
+    let delim = char::from(sender[at - 1]);
+    Some(format!("{delim}="))
+}
+
+/// Unix seconds and microseconds, as the attributes block writes arrival_time.
+fn arrival_time(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    format!("{}.{:06}", d.as_secs(), d.subsec_micros())
+}

@@ -1,0 +1,487 @@
+//! Helpers shared by the integration tests: the built binaries, a temporary queue with its
+//! qmqpd arguments, a qmqpd listening on loopback, bounded child processes, and finding the
+//! real tools (Postfix, nullmailer, ucspi-tcp, xinetd…) that the interop tests drive.
+//!
+//! A missing tool skips the test with a reason on stderr, or fails it when
+//! `QMQPD_REQUIRE_INTEROP=1` (as `.ci/run` sets).
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long a test waits for qmqpd to start listening.
+const START_LIMIT: Duration = Duration::from_secs(10);
+/// How often readiness and child exit are polled.
+const POLL: Duration = Duration::from_millis(20);
+/// Read/write timeout of the test client's connections: a safety net, never expected to fire.
+const IO_LIMIT: Duration = Duration::from_secs(120);
+
+/// The built qmqpd.
+pub fn qmqpd_bin() -> PathBuf {
+    // option_env!, not env!, so the tests compile even while the binary is being written.
+    match option_env!("CARGO_BIN_EXE_qmqpd") {
+        Some(path) => PathBuf::from(path),
+        None => panic!("cargo built no qmqpd binary"),
+    }
+}
+
+/// The built qmqpc.
+pub fn qmqpc_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_qmqpc"))
+}
+
+/// The name of the user running the tests (what `mail_owner` must be so qmqpd keeps it).
+pub fn current_user() -> String {
+    let uid = nix::unistd::getuid();
+    nix::unistd::User::from_uid(uid)
+        .expect("cannot look up the current user")
+        .unwrap_or_else(|| panic!("uid {uid} has no passwd entry"))
+        .name
+}
+
+/// A temporary queue + config for one test.
+pub struct TestQueue {
+    /// dir/queue is the queue_directory, dir/maillog the log, dir/etc the (empty) config dir.
+    pub dir: tempfile::TempDir,
+}
+
+impl TestQueue {
+    /// Creates the temporary directory with an empty `etc/` and an empty `queue/`.
+    pub fn new() -> TestQueue {
+        let dir = tempfile::Builder::new()
+            .prefix("qmqpd-test.")
+            .tempdir()
+            .expect("cannot create a temporary directory");
+        std::fs::create_dir(dir.path().join("etc")).expect("cannot create etc/");
+        // An empty main.cf: all defaults (a missing file named by -c is an error).
+        std::fs::write(dir.path().join("etc/main.cf"), b"").expect("cannot create main.cf");
+        std::fs::create_dir(dir.path().join("queue")).expect("cannot create queue/");
+        TestQueue { dir }
+    }
+
+    /// The queue_directory.
+    pub fn queue_dir(&self) -> PathBuf {
+        self.dir.path().join("queue")
+    }
+
+    /// The configuration directory (an empty main.cf: all defaults).
+    pub fn config_dir(&self) -> PathBuf {
+        self.dir.path().join("etc")
+    }
+
+    /// The maillog_file.
+    pub fn maillog(&self) -> PathBuf {
+        self.dir.path().join("maillog")
+    }
+
+    /// Contents of maillog ("" if none).
+    pub fn log_text(&self) -> String {
+        std::fs::read(self.maillog())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// qmqpd arguments: -c <dir/etc>, -o queue_directory=.., -o maillog_file=..,
+    /// -o mail_owner=<current user>, -o qmqpd_error_delay=0.
+    pub fn args(&self) -> Vec<String> {
+        vec![
+            "-c".into(),
+            self.config_dir().display().to_string(),
+            "-o".into(),
+            format!("queue_directory={}", self.queue_dir().display()),
+            "-o".into(),
+            format!("maillog_file={}", self.maillog().display()),
+            "-o".into(),
+            format!("mail_owner={}", current_user()),
+            "-o".into(),
+            "qmqpd_error_delay=0".into(),
+        ]
+    }
+
+    /// Sorted entries of queue/<sub> ("new", "tmp", "cur"); empty if missing.
+    pub fn files(&self, sub: &str) -> Vec<PathBuf> {
+        let Ok(entries) = std::fs::read_dir(self.queue_dir().join(sub)) else {
+            return Vec::new();
+        };
+        let mut files: Vec<PathBuf> = entries
+            .map(|e| e.expect("cannot read a queue directory entry").path())
+            .collect();
+        files.sort();
+        files
+    }
+}
+
+/// The QMQP request bytes (wraps client::encode_request).
+pub fn request(message: &[u8], sender: &[u8], recipients: &[&[u8]]) -> Vec<u8> {
+    qmqpd::client::encode_request(message, sender, recipients)
+}
+
+/// Splits a sequence of netstrings (a queue file, a request body) into their payloads;
+/// panics on anything else.
+pub fn split_netstrings(mut bytes: &[u8]) -> Vec<Vec<u8>> {
+    let mut parts = Vec::new();
+    while !bytes.is_empty() {
+        let colon = bytes
+            .iter()
+            .position(|&b| b == b':')
+            .expect("netstring without ':'");
+        let len: usize = std::str::from_utf8(&bytes[..colon])
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .expect("netstring with a bad length");
+        let end = colon + 1 + len;
+        assert_eq!(bytes.get(end), Some(&b','), "netstring without ','");
+        parts.push(bytes[colon + 1..end].to_vec());
+        bytes = &bytes[end + 1..];
+    }
+    parts
+}
+
+/// A queue file split into its parts (DESIGN.md §7.3).
+#[derive(Debug)]
+pub struct QueueFile {
+    /// The attributes netstring, "qmqpd-queue 1\n" then name=value lines.
+    pub attributes: String,
+    pub message: Vec<u8>,
+    pub sender: Vec<u8>,
+    pub recipients: Vec<Vec<u8>>,
+}
+
+impl QueueFile {
+    /// Reads and splits a queue file; panics when it is not attributes, message, sender and
+    /// at least one recipient.
+    pub fn read(path: &Path) -> QueueFile {
+        let bytes = std::fs::read(path)
+            .unwrap_or_else(|e| panic!("cannot read queue file {}: {e}", path.display()));
+        let mut parts = split_netstrings(&bytes).into_iter();
+        let (Some(attributes), Some(message), Some(sender)) =
+            (parts.next(), parts.next(), parts.next())
+        else {
+            panic!("queue file {} has fewer than 3 netstrings", path.display());
+        };
+        let recipients: Vec<Vec<u8>> = parts.collect();
+        assert!(
+            !recipients.is_empty(),
+            "queue file {} has no recipient",
+            path.display()
+        );
+        QueueFile {
+            attributes: String::from_utf8(attributes).expect("attributes are not UTF-8"),
+            message,
+            sender,
+            recipients,
+        }
+    }
+
+    /// The value of attribute `name`, if present.
+    pub fn attribute(&self, name: &str) -> Option<&str> {
+        self.attributes
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix('='))
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound, read and released: another process may take it,
+/// which `Server::start` survives by retrying).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("cannot bind 127.0.0.1:0")
+        .port()
+}
+
+/// True when something listens on `addr` (an IPv4 loopback address), checked in
+/// /proc/net/tcp so no probe connection reaches the server and its log; falls back to a
+/// connection when /proc is not readable.
+fn is_listening(addr: SocketAddr) -> bool {
+    const TCP_LISTEN: &str = "0A";
+    let SocketAddr::V4(v4) = addr else {
+        return TcpStream::connect_timeout(&addr, POLL).is_ok();
+    };
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return TcpStream::connect_timeout(&addr, POLL).is_ok();
+    };
+    // /proc/net/tcp prints the address as the in-memory (network order) u32, in hex.
+    let want = format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(v4.ip().octets()),
+        v4.port()
+    );
+    table.lines().skip(1).any(|line| {
+        let mut fields = line.split_whitespace();
+        let local = fields.nth(1);
+        let state = fields.nth(1);
+        local == Some(want.as_str()) && state == Some(TCP_LISTEN)
+    })
+}
+
+/// A qmqpd in --listen mode on 127.0.0.1:<free port>; Drop kills and reaps it.
+pub struct Server {
+    pub addr: SocketAddr,
+    child: Child,
+}
+
+impl Server {
+    /// Start `qmqpd --listen 127.0.0.1:PORT <q.args()> <extra>` and wait (at most 10 s,
+    /// polling every 20 ms) until it listens. Retries with a new port up to 5 times if the
+    /// child exits early (another process may have taken the port).
+    pub fn start(q: &TestQueue, extra: &[&str]) -> Server {
+        let mut last_exit = None;
+        for _attempt in 0..5 {
+            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let mut child = Command::new(qmqpd_bin())
+                .arg("--listen")
+                .arg(addr.to_string())
+                .args(q.args())
+                .args(extra)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("cannot start qmqpd");
+            let deadline = Instant::now() + START_LIMIT;
+            loop {
+                if let Some(status) = child.try_wait().expect("cannot wait for qmqpd") {
+                    last_exit = Some(status);
+                    break;
+                }
+                if is_listening(addr) {
+                    return Server { addr, child };
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "qmqpd did not listen on {addr} within {START_LIMIT:?}; log:\n{}",
+                        q.log_text()
+                    );
+                }
+                thread::sleep(POLL);
+            }
+        }
+        panic!(
+            "qmqpd exited before listening, 5 times (last: {last_exit:?}); log:\n{}",
+            q.log_text()
+        );
+    }
+
+    /// "127.0.0.1:PORT", for clients' command lines.
+    pub fn address(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Sends one request with the library client and returns the reply; panics when there
+    /// is no valid reply.
+    pub fn send(
+        &self,
+        message: &[u8],
+        sender: &[u8],
+        recipients: &[&[u8]],
+    ) -> qmqpd::client::Reply {
+        let mut stream = self.connect();
+        let len = u64::try_from(message.len()).expect("message length");
+        qmqpd::client::send(
+            &mut stream,
+            &mut std::io::Cursor::new(message),
+            len,
+            sender,
+            recipients,
+        )
+        .unwrap_or_else(|e| panic!("no valid reply from {}: {e}", self.addr))
+    }
+
+    /// Writes raw bytes, shuts down the write side and returns everything the server sent
+    /// until it closed (for malformed requests).
+    pub fn exchange(&self, bytes: &[u8]) -> Vec<u8> {
+        let mut stream = self.connect();
+        stream.write_all(bytes).expect("cannot write the request");
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        let mut reply = Vec::new();
+        let _ = stream.read_to_end(&mut reply);
+        reply
+    }
+
+    /// A connection to the server with the tests' safety timeouts.
+    pub fn connect(&self) -> TcpStream {
+        let stream = TcpStream::connect(self.addr)
+            .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", self.addr));
+        stream.set_read_timeout(Some(IO_LIMIT)).expect("timeout");
+        stream.set_write_timeout(Some(IO_LIMIT)).expect("timeout");
+        stream
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `cmd` with `stdin` as its input and captures stdout and stderr; kills it and
+/// panics if it has not exited after `limit` (a safety net: tests never rely on it).
+pub fn run_bounded(cmd: &mut Command, stdin: &[u8], limit: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let input = stdin.to_vec();
+    let mut child_in = child.stdin.take().expect("stdin");
+    let writer = thread::spawn(move || {
+        // The child may exit without reading everything: a broken pipe is fine.
+        let _ = child_in.write_all(&input);
+    });
+    let output = collect_bounded(cmd, child, limit);
+    let _ = writer.join();
+    output
+}
+
+/// Like `run_bounded`, with stdin taken from `stdin` (a file, /dev/null…).
+pub fn run_bounded_from(cmd: &mut Command, stdin: Stdio, limit: Duration) -> Output {
+    let child = cmd
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    collect_bounded(cmd, child, limit)
+}
+
+/// Reads the child's stdout and stderr while waiting for it at most `limit`.
+fn collect_bounded(cmd: &Command, mut child: Child, limit: Duration) -> Output {
+    let mut child_out = child.stdout.take().expect("stdout");
+    let out_reader = thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = child_out.read_to_end(&mut buf);
+        buf
+    });
+    let mut child_err = child.stderr.take().expect("stderr");
+    let err_reader = thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = child_err.read_to_end(&mut buf);
+        buf
+    });
+    let status = wait_bounded(&mut child, limit)
+        .unwrap_or_else(|| panic!("{cmd:?} still running after {limit:?}: killed"));
+    Output {
+        status,
+        stdout: out_reader.join().expect("stdout reader"),
+        stderr: err_reader.join().expect("stderr reader"),
+    }
+}
+
+/// Waits for `child` at most `limit`; on timeout kills and reaps it and returns None.
+pub fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("cannot wait for a child") {
+            return Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        thread::sleep(POLL);
+    }
+}
+
+/// True when `.ci/run` asked for every interop tool to be present.
+fn interop_required() -> bool {
+    std::env::var_os("QMQPD_REQUIRE_INTEROP").is_some_and(|v| v == "1")
+}
+
+/// Skips (None, reason on stderr) or, under QMQPD_REQUIRE_INTEROP=1, fails the test.
+fn skip_or_fail<T>(why: &str) -> Option<T> {
+    if interop_required() {
+        panic!("interop tool missing and QMQPD_REQUIRE_INTEROP=1: {why}");
+    }
+    eprintln!("skipped: {why}");
+    None
+}
+
+/// A tool from an unpacked .deb (or installed normally).
+pub struct InteropTool {
+    /// The executable.
+    pub path: PathBuf,
+    /// The root the package was unpacked into ("/" when installed normally).
+    pub root: PathBuf,
+}
+
+impl InteropTool {
+    /// A command for the tool with LD_LIBRARY_PATH=<root>/usr/lib/postfix, where Postfix
+    /// keeps its private shared libraries.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.path);
+        cmd.env("LD_LIBRARY_PATH", self.root.join("usr/lib/postfix"));
+        cmd
+    }
+}
+
+/// Find an interop tool: `<$env_root>/<rel>` (an unpacked .deb root named by
+/// QMQPD_POSTFIX_ROOT / QMQPD_NULLMAILER_ROOT), else `/<rel>`. When missing: panics if
+/// QMQPD_REQUIRE_INTEROP=1, else prints "skipped: <why>" to stderr and returns None.
+pub fn interop_tool(env_root: &str, rel: &str) -> Option<InteropTool> {
+    let why_root = match std::env::var_os(env_root) {
+        Some(root) => {
+            let root = PathBuf::from(root);
+            let path = root.join(rel);
+            if is_executable(&path) {
+                return Some(InteropTool { path, root });
+            }
+            format!("{env_root}={} holds no {rel}", root.display())
+        }
+        None => format!("{env_root} is not set"),
+    };
+    let path = Path::new("/").join(rel);
+    if is_executable(&path) {
+        return Some(InteropTool {
+            path,
+            root: PathBuf::from("/"),
+        });
+    }
+    skip_or_fail(&format!(
+        "{why_root} and /{rel} is not installed (.ci/run fetches it)"
+    ))
+}
+
+/// A plain tool (tcpserver, xinetd, strace…) from PATH or the sbin directories, with the
+/// same skip/fail rule as `interop_tool`.
+pub fn require_tool(name: &str) -> Option<PathBuf> {
+    let path_var = std::env::var_os("PATH").unwrap_or_default();
+    let sbin = ["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from);
+    let found = std::env::split_paths(&path_var)
+        .chain(sbin)
+        .map(|dir| dir.join(name))
+        .find(|p| is_executable(p));
+    match found {
+        Some(path) => Some(path),
+        None => skip_or_fail(&format!("{name} is not installed (.ci/run installs it)")),
+    }
+}
+
+/// True for a regular file with an execute bit.
+fn is_executable(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Lossy text of process output, for assertion messages.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Formats an `Output` for assertion messages.
+pub fn describe(output: &Output) -> String {
+    format!(
+        "status {}\nstdout: {}\nstderr: {}",
+        output.status,
+        text(&output.stdout),
+        text(&output.stderr)
+    )
+}
