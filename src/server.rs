@@ -324,7 +324,10 @@ pub fn run_listeners(
     let limit = limits.process_limit.max(1);
     let mut served: u64 = 0;
     let mut idle_since = Instant::now();
+    let mut notifier = Notifier::new();
+    notifier.ready();
     loop {
+        notifier.tick(served, active.get());
         if stop.is_stopped() || limits.max_use.is_some_and(|m| served >= m) {
             break;
         }
@@ -346,7 +349,8 @@ pub fn run_listeners(
                 left.min(Duration::from_secs(1))
             }
             _ => Duration::from_secs(1),
-        };
+        }
+        .min(notifier.interval());
         let mut fds: Vec<PollFd<'_>> = listeners
             .iter()
             .map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN))
@@ -407,12 +411,75 @@ pub fn run_listeners(
         }
     }
     // Let running transactions finish, within bounds.
+    notifier.stopping(served, active.get());
     let grace = STOP_GRACE.min(svc.params.qmqpd_timeout);
     let deadline = Instant::now() + grace;
     while active.get() > 0 && Instant::now() < deadline {
-        active.wait_below(1, deadline.saturating_duration_since(Instant::now()));
+        let left = deadline.saturating_duration_since(Instant::now());
+        active.wait_below(1, left.min(notifier.interval()));
+        notifier.tick(served, active.get());
     }
     Ok(served)
+}
+
+/// Tells systemd how the listener is doing (a no-op without `$NOTIFY_SOCKET`): READY=1,
+/// STATUS= when the counts change, WATCHDOG=1 at half the watchdog interval, STOPPING=1.
+struct Notifier {
+    watchdog: Option<Duration>,
+    last_ping: Instant,
+    last_status: (u64, usize),
+}
+
+impl Notifier {
+    fn new() -> Notifier {
+        Notifier {
+            watchdog: sd_notify::watchdog_enabled(),
+            last_ping: Instant::now(),
+            last_status: (u64::MAX, usize::MAX),
+        }
+    }
+
+    /// The longest the accept loop may sleep between ticks.
+    fn interval(&self) -> Duration {
+        self.watchdog.map_or(Duration::from_secs(1), |w| {
+            (w / 2).clamp(Duration::from_millis(10), Duration::from_secs(1))
+        })
+    }
+
+    fn send(states: &[sd_notify::NotifyState<'_>]) {
+        if let Err(e) = sd_notify::notify(states) {
+            log::debug!("sd_notify: {e}");
+        }
+    }
+
+    fn ready(&mut self) {
+        Self::send(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status("waiting for connections"),
+        ]);
+    }
+
+    fn tick(&mut self, served: u64, active: usize) {
+        if self.last_status != (served, active) {
+            self.last_status = (served, active);
+            let status = format!("served {served} connections, {active} active");
+            Self::send(&[sd_notify::NotifyState::Status(&status)]);
+        }
+        if let Some(w) = self.watchdog
+            && self.last_ping.elapsed() >= w / 2
+        {
+            self.last_ping = Instant::now();
+            Self::send(&[sd_notify::NotifyState::Watchdog]);
+        }
+    }
+
+    fn stopping(&mut self, served: u64, active: usize) {
+        let status = format!("stopping: served {served} connections, {active} active");
+        Self::send(&[
+            sd_notify::NotifyState::Stopping,
+            sd_notify::NotifyState::Status(&status),
+        ]);
+    }
 }
 
 /// True when `fd` is a listening socket (SO_ACCEPTCONN), as systemd's Accept=no passes.

@@ -472,3 +472,158 @@ fn arrival_time(t: SystemTime) -> String {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     format!("{}.{:06}", d.as_secs(), d.subsec_micros())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+    use std::time::Duration;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        params: Params,
+        client: Client,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            let params = Params {
+                queue_directory: dir.path().join("q"),
+                qmqpd_error_delay: Duration::ZERO,
+                myhostname: "mx.example".into(),
+                ..Params::default()
+            };
+            let client = Client::at("192.0.2.1".parse().unwrap(), Some(1234));
+            Fixture {
+                dir,
+                params,
+                client,
+            }
+        }
+
+        /// Serves `input`; returns the outcome, the bytes written and how much was read.
+        fn serve(&self, input: &[u8], authorized: bool) -> (Outcome, String, u64) {
+            let queue = Queue::new(&self.params.queue_directory, "host");
+            let t = Transaction {
+                client: &self.client,
+                params: &self.params,
+                queue: &queue,
+                authorized,
+            };
+            let mut rdr = Cursor::new(input.to_vec());
+            let mut out = Vec::new();
+            let outcome = serve(&mut rdr, &mut out, &t);
+            (outcome, String::from_utf8(out).unwrap(), rdr.position())
+        }
+
+        fn files(&self, sub: &str) -> usize {
+            std::fs::read_dir(self.dir.path().join("q").join(sub)).map_or(0, |d| d.count())
+        }
+    }
+
+    fn request(message: &[u8], sender: &[u8], recipients: &[&[u8]]) -> Vec<u8> {
+        let mut body = netstring::encode(message);
+        body.extend(netstring::encode(sender));
+        for r in recipients {
+            body.extend(netstring::encode(r));
+        }
+        netstring::encode(&body)
+    }
+
+    #[test]
+    fn serve_queues_request_and_stops_at_outer_comma() {
+        let f = Fixture::new();
+        let mut input = request(b"Subject: x\n\nhi\n", b"s@x", &[b"r@y"]);
+        let len = input.len() as u64;
+        input.extend_from_slice(b"trailing bytes never read");
+        let (outcome, reply, read) = f.serve(&input, true);
+        assert!(reply.contains(":KOk: queued as "), "{reply}");
+        assert!(outcome.request_read);
+        assert!(matches!(outcome.end, End::Replied(Reply::Queued(_))));
+        assert!(read <= len + 1, "read {read} of a {len}-byte request");
+        assert_eq!((f.files("new"), f.files("tmp")), (1, 0));
+    }
+
+    #[test]
+    fn serve_drains_rejected_request_before_replying() {
+        let f = Fixture::new();
+        let input = request(&vec![b'x'; 100_000], b"s@x", &[b"r@y"]);
+        let (outcome, reply, read) = f.serve(&input, false);
+        assert_eq!(
+            reply,
+            "64:DError: unknown[192.0.2.1] is not authorized to use this service,"
+        );
+        assert_eq!(read, input.len() as u64, "the whole request was read");
+        assert!(outcome.request_read);
+        assert_eq!(f.files("new"), 0);
+    }
+
+    #[test]
+    fn serve_replies_at_once_when_too_large_to_drain() {
+        let mut f = Fixture::new();
+        f.params.message_size_limit = 1000;
+        let input = request(&vec![b'x'; 5000], b"s@x", &[b"r@y"]);
+        let (outcome, reply, read) = f.serve(&input, true);
+        assert_eq!(reply, "25:DError: message too large,");
+        assert!(read < 10, "only the length was read, not {read} bytes");
+        assert!(!outcome.request_read);
+        let input = request(&vec![b'x'; 3000], b"s@x", &[b"r@y"]);
+        let (_, reply, read) = f.serve(&input, true);
+        assert_eq!(reply, "25:DError: message too large,");
+        assert_eq!(
+            read,
+            input.len() as u64,
+            "within 4x the limit the request is drained"
+        );
+    }
+
+    #[test]
+    fn serve_lost_connection_leaves_nothing() {
+        let f = Fixture::new();
+        let input = request(b"hello", b"s@x", &[b"r@y"]);
+        for cut in 0..input.len() {
+            let (outcome, reply, _) = f.serve(&input[..cut], true);
+            assert!(reply.is_empty(), "cut {cut}: {reply}");
+            assert!(
+                matches!(outcome.end, End::Lost { timeout: false, .. }),
+                "cut {cut}"
+            );
+        }
+        assert_eq!((f.files("new"), f.files("tmp")), (0, 0));
+    }
+
+    #[test]
+    fn serve_first_rejection_decides() {
+        let f = Fixture::new();
+        let input = request(b"x", b"bad\nsender", &[b""]);
+        let (_, reply, _) = f.serve(&input, true);
+        assert_eq!(reply, "33:DError: bad sender address syntax,");
+    }
+
+    #[test]
+    fn serve_write_failure_answers_z_and_counts_as_local() {
+        let f = Fixture::new();
+        std::fs::write(f.dir.path().join("q"), b"not a directory").unwrap();
+        let (outcome, reply, _) = f.serve(&request(b"x", b"s@x", &[b"r@y"]), true);
+        assert_eq!(reply, "30:ZError: queue file write error,");
+        assert!(outcome.local_failure());
+    }
+
+    #[test]
+    fn verp_delimiters_follow_postfix_rule() {
+        assert_eq!(
+            verp_delimiters(b"list-@example.org-@[]").as_deref(),
+            Some("-=")
+        );
+        assert_eq!(
+            verp_delimiters(b"list+@example.org-@[]").as_deref(),
+            Some("+=")
+        );
+        assert_eq!(verp_delimiters(b"list@example.org"), None);
+        assert_eq!(verp_delimiters(b"-@[]"), None);
+        assert_eq!(verp_delimiters(b"x-@[]"), None, "no @ before the suffix");
+        assert_eq!(verp_delimiters(b"-@o-@[]"), None, "empty prefix");
+        assert_eq!(verp_delimiters(b"ab@-@[]"), None, "empty origin");
+    }
+}

@@ -1,0 +1,291 @@
+//! qmqpd over real TCP connections: `--listen`, draining rejected requests so the client
+//! reads its reply, constant memory for huge requests, stderr being the client socket, the
+//! durability order seen by strace, and a clean stop on SIGTERM.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{QueueFile, TestQueue, describe, request};
+use qmqpd::client::{self, Status};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// A qmqpd we start ourselves when the test needs its pid; killed and reaped on drop.
+struct Listener {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Listener {
+    fn start(q: &TestQueue, extra: &[&str]) -> Listener {
+        let addr = SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+        let child = Command::new(common::qmqpd_bin())
+            .arg("--listen")
+            .arg(addr.to_string())
+            .args(q.args())
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut l = Listener { child, addr };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !q.log_text().contains("listening on") {
+            assert!(
+                l.child.try_wait().unwrap().is_none(),
+                "qmqpd exited: {}",
+                q.log_text()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "qmqpd did not start: {}",
+                q.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        l.addr = addr;
+        l
+    }
+
+    /// Peak resident memory of the server process, in KiB (VmHWM, read while it runs).
+    fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    fn connect(&self) -> TcpStream {
+        let s = TcpStream::connect(self.addr).unwrap();
+        s.set_read_timeout(Some(LIMIT)).unwrap();
+        s.set_write_timeout(Some(LIMIT)).unwrap();
+        s
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A message body generated on the fly, so the test does not hold it either.
+struct Generated {
+    left: u64,
+}
+
+impl Read for Generated {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        for (i, b) in buf[..n].iter_mut().enumerate() {
+            *b = if i % 77 == 76 { b'\n' } else { b'x' };
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+#[test]
+fn listen_peak_memory_stays_small_for_10mb_message_and_10000_recipients() {
+    let q = TestQueue::new();
+    let srv = Listener::start(&q, &[]);
+    let size: u64 = 10 * 1000 * 1000;
+    let mut stream = srv.connect();
+    let reply = client::send(
+        &mut stream,
+        &mut Generated { left: size },
+        size,
+        b"s@example.org",
+        &[b"r@example.net"],
+    )
+    .unwrap();
+    assert_eq!(reply.status, Status::Ok, "{reply:?}");
+    let rcpts: Vec<String> = (0..10_000)
+        .map(|i| format!("user{i}@example.net"))
+        .collect();
+    let refs: Vec<&[u8]> = rcpts.iter().map(|r| r.as_bytes()).collect();
+    let mut stream = srv.connect();
+    let reply = client::send(
+        &mut stream,
+        &mut &b"Subject: list\n\nhi\n"[..],
+        18,
+        b"s@example.org",
+        &refs,
+    )
+    .unwrap();
+    assert_eq!(reply.status, Status::Ok, "{reply:?}");
+    let peak = srv.peak_rss_kib();
+    assert!(peak < 8 * 1024, "peak RSS {peak} KiB is not under 8 MiB");
+    let files = q.files("new");
+    assert_eq!(files.len(), 2);
+    let sizes: Vec<u64> = files
+        .iter()
+        .map(|f| std::fs::metadata(f).unwrap().len())
+        .collect();
+    assert!(sizes.iter().any(|&s| s > size), "{sizes:?}");
+    assert!(
+        files
+            .iter()
+            .any(|f| QueueFile::read(f).recipients.len() == 10_000)
+    );
+}
+
+#[test]
+fn listen_denied_client_reads_d_after_3mb_request() {
+    let q = TestQueue::new();
+    let srv = Listener::start(&q, &["-o", "qmqpd_authorized_clients=192.0.2.1"]);
+    let size = 3 * 1024 * 1024;
+    let mut stream = srv.connect();
+    let reply = client::send(
+        &mut stream,
+        &mut Generated { left: size },
+        size,
+        b"s@x",
+        &[b"r@x"],
+    )
+    .unwrap();
+    assert_eq!(reply.status, Status::PermFail);
+    assert_eq!(
+        reply.text,
+        "Error: unknown[127.0.0.1] is not authorized to use this service"
+    );
+    assert!(q.files("new").is_empty());
+}
+
+#[test]
+fn listen_undrainable_request_still_gets_its_reply() {
+    let q = TestQueue::new();
+    let srv = Listener::start(&q, &["-o", "message_size_limit=1000"]);
+    let mut stream = srv.connect();
+    // Declares 100 kB (more than 4 x the limit) and sends some of it: qmqpd answers at once.
+    stream.write_all(b"100000:99990:").unwrap();
+    stream.write_all(&[b'x'; 4096]).unwrap();
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).unwrap();
+    assert_eq!(reply, b"25:DError: message too large,");
+}
+
+#[test]
+fn listen_stops_on_sigterm_and_exits_0() {
+    let q = TestQueue::new();
+    let mut srv = Listener::start(&q, &[]);
+    let reply = client::send(&mut srv.connect(), &mut &b"x"[..], 1, b"s@x", &[b"r@x"]).unwrap();
+    assert_eq!(reply.status, Status::Ok);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(srv.child.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = common::wait_bounded(&mut srv.child, LIMIT).expect("qmqpd exits after SIGTERM");
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        q.log_text().contains("served 1 connections: exiting"),
+        "{}",
+        q.log_text()
+    );
+}
+
+#[test]
+fn stdin_socket_on_fds_0_1_2_gets_only_the_reply() {
+    // As under xinetd and inetd: fds 0, 1 and 2 are the client socket, there is no
+    // maillog_file and no /dev/log socket in the test's view is guaranteed, and qmqpd has
+    // warnings to log (an unknown parameter, a rejected request).
+    let q = TestQueue::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    client.set_read_timeout(Some(LIMIT)).unwrap();
+    let (server_side, _) = listener.accept().unwrap();
+    let fd = OwnedFd::from(server_side);
+    let args = [
+        "-c".to_owned(),
+        q.config_dir().display().to_string(),
+        "-o".to_owned(),
+        format!("queue_directory={}", q.queue_dir().display()),
+        "-o".to_owned(),
+        format!("mail_owner={}", common::current_user()),
+        "-o".to_owned(),
+        "qmqpd_error_delay=0".to_owned(),
+    ];
+    let mut child = Command::new(common::qmqpd_bin())
+        .args(&args)
+        .args(["-o", "no_such_parameter=1"])
+        .env_remove("PROTO")
+        .env_remove("LISTEN_FDS")
+        .stdin(Stdio::from(fd.try_clone().unwrap()))
+        .stdout(Stdio::from(fd.try_clone().unwrap()))
+        .stderr(Stdio::from(fd))
+        .spawn()
+        .unwrap();
+    client.write_all(&request(b"x", b"s@x", &[])).unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    client.read_to_end(&mut got).unwrap();
+    let status = common::wait_bounded(&mut child, LIMIT).unwrap();
+    assert_eq!(
+        common::text(&got),
+        "31:DError: no recipients specified,",
+        "exit {status}"
+    );
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn durability_order_is_sync_rename_sync_dir_then_reply() {
+    let Some(strace) = common::require_tool("strace") else {
+        return;
+    };
+    let q = TestQueue::new();
+    let trace = q.dir.path().join("trace");
+    let mut cmd = Command::new(strace);
+    cmd.args([
+        "-f",
+        "-qq",
+        "-e",
+        "trace=fsync,fdatasync,rename,renameat,renameat2,write",
+        "-o",
+    ])
+    .arg(&trace)
+    .arg(common::qmqpd_bin())
+    .args(q.args())
+    .env("PROTO", "TCP")
+    .env("TCPREMOTEIP", "127.0.0.1");
+    let out = common::run_bounded(
+        &mut cmd,
+        &request(b"Subject: x\n\nbody\n", b"s@x", &[b"r@x"]),
+        LIMIT,
+    );
+    assert!(
+        common::text(&out.stdout).contains("KOk"),
+        "{}",
+        describe(&out)
+    );
+    let trace = std::fs::read_to_string(&trace).unwrap();
+    let find = |what: &dyn Fn(&str) -> bool| {
+        trace
+            .lines()
+            .position(|l| what(l))
+            .unwrap_or_else(|| panic!("not in trace:\n{trace}"))
+    };
+    let sync_file =
+        find(&|l| l.contains("fdatasync(") || (l.contains("fsync(") && !l.contains("fdatasync")));
+    let rename = find(&|l| l.contains("rename") && l.contains("/tmp/") && l.contains("/new/"));
+    let sync_dir = trace
+        .lines()
+        .enumerate()
+        .skip(rename + 1)
+        .find(|(_, l)| l.contains("fsync("))
+        .map(|(i, _)| i)
+        .unwrap_or_else(|| panic!("no directory fsync after rename:\n{trace}"));
+    let reply = find(&|l| l.contains(" write(") && l.contains(":KOk: queued as"));
+    assert!(
+        sync_file < rename && rename < sync_dir && sync_dir < reply,
+        "order wrong:\n{trace}"
+    );
+}
