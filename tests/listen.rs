@@ -270,7 +270,7 @@ fn durability_order_is_sync_rename_sync_dir_then_reply() {
     let find = |what: &dyn Fn(&str) -> bool| {
         trace
             .lines()
-            .position(|l| what(l))
+            .position(what)
             .unwrap_or_else(|| panic!("not in trace:\n{trace}"))
     };
     let sync_file =
