@@ -20,6 +20,7 @@
 //! - `server`: one connection from identification to reply, and the accept loop
 //! - `date`: UTC dates for the Received: header and log lines
 //! - `client`: the QMQP client used by `qmqpc`, `qmqp-queue` and the tests
+//! - `deliver`: `qmqp-queue`'s consumer: list, show and deliver queue files
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
@@ -30,6 +31,7 @@ pub mod access;
 pub mod client;
 pub mod config;
 pub mod date;
+pub mod deliver;
 pub mod listen;
 pub mod logging;
 pub mod message;

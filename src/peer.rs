@@ -1,11 +1,14 @@
 //! Who the client is: its address, port and name, from the launcher's environment (UCSPI
 //! `${PROTO}REMOTEIP`, systemd's `REMOTE_ADDR`, xinetd's `REMOTE_HOST`) or from the socket
-//! itself, in DESIGN §3's order. Owns the `name[addr]` form used in logs and replies.
+//! itself, in DESIGN §3's order, and its name from DNS (reverse look-up confirmed by a
+//! forward look-up, bounded in time). Owns the `name[addr]` form used in logs and replies.
 //! Does not decide whether the client may use the service (that is `access`).
 
 use std::ffi::OsString;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::{Arc, mpsc};
+use std::time::Duration;
 
 use nix::sys::socket::{AddressFamily, SockaddrLike, SockaddrStorage, getpeername};
 
@@ -198,12 +201,200 @@ fn parse_port(value: &OsString) -> Option<u16> {
     value.to_str()?.trim().parse().ok()
 }
 
+/// Name look-ups, behind a trait so tests can give any answer (or none, or hang).
+pub trait Resolver: Send + Sync {
+    /// The name the address maps to (PTR), if any.
+    fn reverse(&self, addr: IpAddr) -> Option<String>;
+    /// The addresses the name maps to (A and AAAA).
+    fn forward(&self, name: &str) -> Vec<IpAddr>;
+}
+
+/// The system's resolver (getnameinfo/getaddrinfo: /etc/hosts, DNS, as nsswitch says).
+pub struct SystemResolver;
+
+impl Resolver for SystemResolver {
+    fn reverse(&self, addr: IpAddr) -> Option<String> {
+        dns_lookup::lookup_addr(&addr).ok()
+    }
+
+    fn forward(&self, name: &str) -> Vec<IpAddr> {
+        (name, 0u16)
+            .to_socket_addrs()
+            .map(|addrs| addrs.map(|a| a.ip()).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// The client's verified name: the reverse look-up of `addr`, kept only when that name's
+/// forward look-up lists `addr` again (Postfix's rule). Waits at most `limit`: a resolver that
+/// does not answer in time leaves the name unknown (its thread finishes on its own).
+pub fn verified_name(resolver: Arc<dyn Resolver>, addr: IpAddr, limit: Duration) -> Option<String> {
+    let (tx, rx) = mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("peername".into())
+        .spawn(move || {
+            let _ = tx.send(confirm_name(resolver.as_ref(), addr));
+        });
+    if let Err(e) = spawned {
+        log::warn!("cannot start the host name look-up for {addr}: {e}");
+        return None;
+    }
+    match rx.recv_timeout(limit) {
+        Ok(name) => name,
+        Err(_) => {
+            log::warn!(
+                "host name look-up for {addr} took longer than {}s: using unknown",
+                limit.as_secs_f32()
+            );
+            None
+        }
+    }
+}
+
+fn confirm_name(resolver: &dyn Resolver, addr: IpAddr) -> Option<String> {
+    let addr = addr.to_canonical();
+    let found = resolver.reverse(addr)?;
+    let name = found.trim_end_matches('.').to_ascii_lowercase();
+    if name.parse::<IpAddr>().is_ok() || name.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        // getnameinfo answers with the address itself when there is no name.
+        if name != addr.to_string() {
+            log::warn!(
+                "numeric host name {} for address {addr}: using unknown",
+                sanitize(name.as_bytes())
+            );
+        }
+        return None;
+    }
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_')
+    {
+        log::warn!(
+            "malformed host name {} for address {addr}: using unknown",
+            sanitize(found.as_bytes())
+        );
+        return None;
+    }
+    if resolver
+        .forward(&name)
+        .iter()
+        .any(|a| a.to_canonical() == addr)
+    {
+        Some(name)
+    } else {
+        log::warn!("host name {name} does not resolve to address {addr}: using unknown");
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn os(s: &str) -> Option<OsString> {
         Some(OsString::from(s))
+    }
+
+    /// A resolver with fixed answers; `hang` makes every look-up wait that long.
+    struct Fake {
+        ptr: Option<&'static str>,
+        a: Vec<IpAddr>,
+        hang: Duration,
+    }
+
+    impl Resolver for Fake {
+        fn reverse(&self, _: IpAddr) -> Option<String> {
+            std::thread::sleep(self.hang);
+            self.ptr.map(str::to_owned)
+        }
+        fn forward(&self, _: &str) -> Vec<IpAddr> {
+            self.a.clone()
+        }
+    }
+
+    fn name_of(ptr: Option<&'static str>, a: &[&str], client: &str) -> Option<String> {
+        let fake = Fake {
+            ptr,
+            a: a.iter().map(|s| s.parse().unwrap()).collect(),
+            hang: Duration::ZERO,
+        };
+        verified_name(
+            Arc::new(fake),
+            client.parse().unwrap(),
+            Duration::from_secs(30),
+        )
+    }
+
+    #[test]
+    fn verified_name_needs_forward_confirmation() {
+        assert_eq!(
+            name_of(
+                Some("Mail.Example.COM."),
+                &["192.0.2.9", "192.0.2.1"],
+                "192.0.2.1"
+            )
+            .as_deref(),
+            Some("mail.example.com")
+        );
+        assert_eq!(
+            name_of(Some("mail.example.com"), &["192.0.2.9"], "192.0.2.1"),
+            None
+        );
+        assert_eq!(name_of(None, &["192.0.2.1"], "192.0.2.1"), None);
+        assert_eq!(
+            name_of(Some("v6.example.com"), &["2001:db8::1"], "2001:db8::1").as_deref(),
+            Some("v6.example.com")
+        );
+        assert_eq!(
+            name_of(Some("m.example.com"), &["192.0.2.1"], "::ffff:192.0.2.1").as_deref(),
+            Some("m.example.com")
+        );
+    }
+
+    #[test]
+    fn verified_name_rejects_numeric_and_malformed_names() {
+        assert_eq!(
+            name_of(Some("192.0.2.1"), &["192.0.2.1"], "192.0.2.1"),
+            None
+        );
+        assert_eq!(name_of(Some("10.0.0.1"), &["192.0.2.1"], "192.0.2.1"), None);
+        assert_eq!(name_of(Some("1.2.3"), &["192.0.2.1"], "192.0.2.1"), None);
+        assert_eq!(
+            name_of(Some("evil name\n"), &["192.0.2.1"], "192.0.2.1"),
+            None
+        );
+    }
+
+    #[test]
+    fn verified_name_gives_up_on_a_hanging_resolver() {
+        let fake = Fake {
+            ptr: Some("slow.example.com"),
+            a: vec!["192.0.2.1".parse().unwrap()],
+            hang: Duration::from_secs(5),
+        };
+        let started = std::time::Instant::now();
+        let name = verified_name(
+            Arc::new(fake),
+            "192.0.2.1".parse().unwrap(),
+            Duration::from_millis(100),
+        );
+        assert_eq!(name, None);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "did not wait for the resolver"
+        );
+    }
+
+    #[test]
+    fn system_resolver_confirms_localhost() {
+        // /etc/hosts maps 127.0.0.1 to localhost on every machine this runs on.
+        let name = verified_name(
+            Arc::new(SystemResolver),
+            "127.0.0.1".parse().unwrap(),
+            Duration::from_secs(30),
+        );
+        assert_eq!(name.as_deref(), Some("localhost"));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use nix::sys::socket::{Shutdown, shutdown};
 
 use crate::access::{AccessError, MatchList};
 use crate::config::Params;
-use crate::peer::{self, Client, LaunchEnv, SocketPeer};
+use crate::peer::{self, Client, LaunchEnv, Resolver, SocketPeer, SystemResolver};
 use crate::queue::Queue;
 use crate::session::{self, Outcome, Transaction};
 
@@ -32,6 +32,8 @@ const LINGER: Duration = Duration::from_secs(2);
 const STOP_GRACE: Duration = Duration::from_secs(30);
 /// Read buffer size: large enough that a big message costs few system calls.
 const READ_BUFFER: usize = 64 * 1024;
+/// The longest a client's host name look-up may take (further bounded by qmqpd_timeout).
+const PEERNAME_LIMIT: Duration = Duration::from_secs(5);
 
 /// What every connection needs: the configuration and what was built from it at start-up.
 pub struct Service {
@@ -40,6 +42,10 @@ pub struct Service {
     pub debug_peers: MatchList,
     pub queue: Queue,
     pub env: LaunchEnv,
+    /// Where client names come from when the launcher gave none.
+    pub resolver: Arc<dyn Resolver>,
+    /// How long a name look-up may take.
+    pub peername_limit: Duration,
 }
 
 impl Service {
@@ -52,12 +58,15 @@ impl Service {
             log::warn!("{warning}");
         }
         let queue = Queue::new(&params.queue_directory, &params.myhostname);
+        let peername_limit = PEERNAME_LIMIT.min(params.qmqpd_timeout);
         Ok(Service {
             params,
             clients,
             debug_peers,
             queue,
             env,
+            resolver: Arc::new(SystemResolver),
+            peername_limit,
         })
     }
 }
@@ -144,13 +153,26 @@ pub fn serve_connection(svc: &Service, conn: Connection) -> Outcome {
     let deadline = started
         .checked_add(params.daemon_timeout)
         .unwrap_or(started + Duration::from_secs(86400 * 365));
-    let client = peer::identify(&svc.env, conn.peer(), params.qmqpd_client_port_logging);
+    let mut client = peer::identify(&svc.env, conn.peer(), params.qmqpd_client_port_logging);
+    if params.qmqpd_peername_lookup
+        && !client.name_verified
+        && let Some(addr) = client.addr
+        && let Some(name) = peer::verified_name(Arc::clone(&svc.resolver), addr, svc.peername_limit)
+    {
+        client.name = name;
+        client.name_verified = true;
+    }
     let debug_peer = svc.debug_peers.matches(client.verified_name(), client.addr);
     if debug_peer {
         crate::logging::set_thread_boost(params.debug_peer_level);
     }
     log::info!("connect from {}", client.namaddr());
     let authorized = svc.clients.matches(client.verified_name(), client.addr);
+    log::debug!(
+        "{}: qmqpd_authorized_clients: {}",
+        client.namaddr(),
+        if authorized { "match" } else { "no match" }
+    );
     let outcome = run_transaction(svc, &conn, &client, authorized, deadline);
     close(&conn, &outcome, deadline);
     log::info!("disconnect from {}", client.namaddr());
@@ -488,4 +510,115 @@ pub fn is_listening(fd: BorrowedFd<'_>) -> io::Result<bool> {
         &fd,
         nix::sys::socket::sockopt::AcceptConn,
     )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+
+    /// A resolver that knows one name, after a delay.
+    struct Slow {
+        delay: Duration,
+    }
+
+    impl Resolver for Slow {
+        fn reverse(&self, _: std::net::IpAddr) -> Option<String> {
+            std::thread::sleep(self.delay);
+            Some("client.example.com".into())
+        }
+        fn forward(&self, _: &str) -> Vec<std::net::IpAddr> {
+            vec!["127.0.0.1".parse().unwrap()]
+        }
+    }
+
+    fn service(dir: &std::path::Path, clients: &str, delay: Duration, limit: Duration) -> Service {
+        let params = Params {
+            queue_directory: dir.to_path_buf(),
+            qmqpd_error_delay: Duration::ZERO,
+            qmqpd_authorized_clients: clients.into(),
+            myhostname: "mx.example".into(),
+            ..Params::default()
+        };
+        let mut svc = Service::new(params, LaunchEnv::default()).unwrap();
+        svc.resolver = Arc::new(Slow { delay });
+        svc.peername_limit = limit;
+        svc
+    }
+
+    /// Serves one request over a real loopback connection; returns the reply.
+    fn exchange(svc: &Service, request: &[u8]) -> (Outcome, Vec<u8>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server_side, _) = listener.accept().unwrap();
+        client.write_all(request).unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        let outcome =
+            serve_connection(svc, Connection::socket(OwnedFd::from(server_side)).unwrap());
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).unwrap();
+        (outcome, reply)
+    }
+
+    const REQUEST: &[u8] = b"17:2:x\n,3:s@x,3:r@x,,";
+
+    #[test]
+    fn serve_connection_matches_confirmed_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = service(
+            dir.path(),
+            ".example.com",
+            Duration::ZERO,
+            Duration::from_secs(30),
+        );
+        let (_, reply) = exchange(&svc, REQUEST);
+        assert!(
+            reply.starts_with(b"33:KOk: queued as "),
+            "{}",
+            String::from_utf8_lossy(&reply)
+        );
+        let new = std::fs::read_dir(dir.path().join("new"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8(std::fs::read(new.path()).unwrap()).unwrap();
+        assert!(
+            text.contains("Received: from client.example.com (client.example.com [127.0.0.1])"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn serve_connection_replies_despite_hanging_resolver() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = service(
+            dir.path(),
+            "127.0.0.1",
+            Duration::from_secs(20),
+            Duration::from_millis(200),
+        );
+        let started = Instant::now();
+        let (_, reply) = exchange(&svc, REQUEST);
+        assert!(
+            reply.starts_with(b"33:KOk: queued as "),
+            "{}",
+            String::from_utf8_lossy(&reply)
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the look-up was cut off"
+        );
+        let svc = service(
+            dir.path(),
+            ".example.com",
+            Duration::from_secs(20),
+            Duration::from_millis(200),
+        );
+        let (_, reply) = exchange(&svc, REQUEST);
+        assert_eq!(
+            reply,
+            b"64:DError: unknown[127.0.0.1] is not authorized to use this service,"
+        );
+    }
 }

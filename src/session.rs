@@ -196,6 +196,7 @@ impl<'a> Session<'a> {
             self.open_file();
         }
         self.budget = len;
+        log::debug!("{}: request of {len} bytes", self.log_id());
         self.receive_message(rdr)?;
         self.receive_sender(rdr)?;
         while self.budget > 0 {
@@ -308,6 +309,7 @@ impl<'a> Session<'a> {
             self.reject(Rejection::Streaming);
         }
         self.message_len = len;
+        log::debug!("{}: message of {len} bytes", self.log_id());
         Ok(())
     }
 
@@ -354,6 +356,7 @@ impl<'a> Session<'a> {
                 self.reject(Rejection::Verp(delims, filter.clone()));
             }
         }
+        log::debug!("{}: sender <{}>", self.log_id(), sanitize(&self.sender));
         let encoded = netstring::encode(&self.sender);
         self.store(&encoded);
         Ok(())
@@ -364,6 +367,7 @@ impl<'a> Session<'a> {
             return Ok(());
         }
         self.recipients += 1;
+        log::trace!("{}: recipient <{}>", self.log_id(), sanitize(&self.field));
         if self.field.is_empty() || self.field.iter().any(|&b| matches!(b, 0 | b'\r' | b'\n')) {
             self.reject(Rejection::BadRecipient);
         }

@@ -87,7 +87,7 @@ impl TestQueue {
     }
 
     /// qmqpd arguments: -c <dir/etc>, -o queue_directory=.., -o maillog_file=..,
-    /// -o mail_owner=<current user>, -o qmqpd_error_delay=0.
+    /// -o mail_owner=<current user>, -o qmqpd_error_delay=0, -o qmqpd_peername_lookup=no.
     pub fn args(&self) -> Vec<String> {
         vec![
             "-c".into(),
@@ -100,6 +100,9 @@ impl TestQueue {
             format!("mail_owner={}", current_user()),
             "-o".into(),
             "qmqpd_error_delay=0".into(),
+            // Client names come from DNS only in the tests about names.
+            "-o".into(),
+            "qmqpd_peername_lookup=no".into(),
         ]
     }
 
