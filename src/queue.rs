@@ -10,6 +10,7 @@ use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::netstring;
@@ -116,6 +117,7 @@ impl Attributes {
 pub struct Queue {
     dir: PathBuf,
     host: String,
+    new_sync: Arc<DirSync>,
 }
 
 impl Queue {
@@ -125,6 +127,7 @@ impl Queue {
         Queue {
             dir: dir.to_path_buf(),
             host: file_name_host(hostname),
+            new_sync: Arc::new(DirSync::new(dir.join("new"))),
         }
     }
 
@@ -168,7 +171,7 @@ impl Queue {
         Ok(QueueFile {
             wtr: BufWriter::with_capacity(64 * 1024, file),
             new: self.dir.join("new").join(&name),
-            new_dir: self.dir.join("new"),
+            new_sync: Arc::clone(&self.new_sync),
             tmp,
             committed: false,
         })
@@ -203,7 +206,7 @@ pub struct QueueFile {
     wtr: BufWriter<File>,
     tmp: PathBuf,
     new: PathBuf,
-    new_dir: PathBuf,
+    new_sync: Arc<DirSync>,
     committed: bool,
 }
 
@@ -226,7 +229,7 @@ impl QueueFile {
         self.wtr.get_ref().sync_data()?;
         fs::rename(&self.tmp, &self.new)?;
         self.committed = true;
-        File::open(&self.new_dir)?.sync_all()
+        self.new_sync.sync()
     }
 
     /// The file's path in `tmp/`.
@@ -239,6 +242,77 @@ impl Drop for QueueFile {
     fn drop(&mut self) {
         if !self.committed {
             let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Group commit for `fsync` of a directory: every caller returns only after an `fsync` that
+/// began after its call, but callers that arrive while one runs share the next one, so a busy
+/// listener pays one directory sync per batch of messages instead of one per message.
+#[derive(Debug)]
+struct DirSync {
+    path: PathBuf,
+    state: Mutex<SyncState>,
+    done: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SyncState {
+    /// Callers so far, numbered from 1.
+    requested: u64,
+    /// Every caller up to this number is covered by a completed fsync.
+    synced: u64,
+    running: bool,
+    /// The directory, opened once.
+    dir: Option<File>,
+}
+
+impl DirSync {
+    fn new(path: PathBuf) -> DirSync {
+        DirSync {
+            path,
+            state: Mutex::new(SyncState::default()),
+            done: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SyncState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Returns once an fsync of the directory that started after this call has succeeded.
+    fn sync(&self) -> io::Result<()> {
+        let mut st = self.lock();
+        st.requested += 1;
+        let me = st.requested;
+        loop {
+            if st.synced >= me {
+                return Ok(());
+            }
+            if st.running {
+                st = self.done.wait(st).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            // Everyone who asked so far is covered by the fsync that starts now.
+            st.running = true;
+            let upto = st.requested;
+            let dir = match st.dir.take() {
+                Some(dir) => Ok(dir),
+                None => File::open(&self.path),
+            };
+            drop(st);
+            let result = dir.and_then(|dir| dir.sync_all().map(|()| dir));
+            st = self.lock();
+            st.running = false;
+            self.done.notify_all();
+            match result {
+                Ok(dir) => {
+                    st.dir = Some(dir);
+                    st.synced = st.synced.max(upto);
+                }
+                // The others retry with an fsync of their own.
+                Err(e) => return Err(e),
+            }
         }
     }
 }
@@ -371,6 +445,34 @@ mod tests {
         drop(f);
         assert!(!tmp.exists());
         assert_eq!(fs::read_dir(dir.path().join("q/tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn concurrent_commits_all_land_with_shared_directory_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::new(dir.path(), "h");
+        let threads: Vec<_> = (0..16)
+            .map(|i| {
+                let q = q.clone();
+                std::thread::spawn(move || {
+                    for j in 0..20 {
+                        let mut f = q.create(&format!("T{i}-{j}")).unwrap();
+                        f.write_all(b"x").unwrap();
+                        f.commit().unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(fs::read_dir(dir.path().join("new")).unwrap().count(), 320);
+        let st = q.new_sync.lock();
+        assert_eq!(
+            st.synced, 320,
+            "every commit is covered by a directory sync"
+        );
+        assert!(!st.running);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::io::{self, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -23,7 +24,8 @@ use crate::access::{AccessError, MatchList};
 use crate::config::Params;
 use crate::peer::{self, Client, LaunchEnv, Resolver, SocketPeer, SystemResolver};
 use crate::queue::Queue;
-use crate::session::{self, Outcome, Transaction};
+use crate::reply::{Rejection, Reply};
+use crate::session::{self, End, Outcome, Transaction};
 
 /// How long a closing connection waits for the client to finish sending after an early
 /// reply, so that unread input does not turn the close into a reset that destroys the reply.
@@ -213,7 +215,24 @@ fn run_transaction(
         queue: &svc.queue,
         authorized,
     };
-    session::serve(&mut rdr, &mut wr, &t)
+    reply_on_panic(&mut wr, |wr| session::serve(&mut rdr, wr, &t))
+}
+
+/// Runs a transaction; a bug (a panic) still ends in `Z`, never a silent close. The panic
+/// hook has logged it, and an unfinished queue file removes itself while unwinding.
+fn reply_on_panic<W: Write>(wr: &mut W, serve: impl FnOnce(&mut W) -> Outcome) -> Outcome {
+    let served = std::panic::catch_unwind(AssertUnwindSafe(|| serve(&mut *wr)));
+    served.unwrap_or_else(|_| {
+        let reply = Reply::Rejected(Rejection::Internal);
+        let end = match wr.write_all(&reply.encode(false)) {
+            Ok(()) => End::Replied(reply),
+            Err(_) => End::ReplyFailed(reply),
+        };
+        Outcome {
+            end,
+            request_read: false,
+        }
+    })
 }
 
 /// Ends the connection after the reply: shut down our write side, and when the client
@@ -221,7 +240,7 @@ fn run_transaction(
 /// not reset the connection before the client reads the reply.
 fn close(conn: &Connection, outcome: &Outcome, deadline: Instant) {
     let is_socket = shutdown(conn.wr.as_raw_fd(), Shutdown::Write).is_ok();
-    if !is_socket || outcome.request_read || matches!(outcome.end, session::End::Lost { .. }) {
+    if !is_socket || outcome.request_read || matches!(outcome.end, End::Lost { .. }) {
         return;
     }
     let mut rd = Timed {
@@ -558,6 +577,14 @@ mod tests {
         let mut reply = Vec::new();
         client.read_to_end(&mut reply).unwrap();
         (outcome, reply)
+    }
+
+    #[test]
+    fn reply_on_panic_answers_z_and_counts_as_local_failure() {
+        let mut out = Vec::new();
+        let outcome = reply_on_panic(&mut out, |_| panic!("a bug"));
+        assert_eq!(out, b"22:ZError: internal error,");
+        assert!(outcome.local_failure());
     }
 
     const REQUEST: &[u8] = b"17:2:x\n,3:s@x,3:r@x,,";
