@@ -370,6 +370,7 @@ pub fn parse_server(server: &str) -> io::Result<(String, u16)> {
 /// connected stream gets `timeout` as its read and write timeout too.
 pub fn connect(server: &str, timeout: Duration) -> io::Result<TcpStream> {
     let (host, port) = parse_server(server)?;
+    let literal = host.parse::<std::net::IpAddr>().is_ok();
     let addrs: Vec<SocketAddr> = (host.as_str(), port).to_socket_addrs()?.collect();
     let mut last = io::Error::new(
         io::ErrorKind::NotFound,
@@ -382,6 +383,8 @@ pub fn connect(server: &str, timeout: Duration) -> io::Result<TcpStream> {
                 stream.set_write_timeout(Some(timeout))?;
                 return Ok(stream);
             }
+            // Name the address only when the caller gave a name, not the address itself.
+            Err(e) if literal => last = e,
             Err(e) => last = io::Error::new(e.kind(), format!("{addr}: {e}")),
         }
     }

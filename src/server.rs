@@ -235,6 +235,26 @@ fn reply_on_panic<W: Write>(wr: &mut W, serve: impl FnOnce(&mut W) -> Outcome) -
     })
 }
 
+/// Answers without reading the request (qmqpd cannot serve it), then closes cleanly so the
+/// unread request does not reset the connection before the client reads the reply.
+pub fn refuse(conn: &Connection, reply: &Reply) {
+    let deadline = Instant::now() + LINGER;
+    let mut wr = Timed {
+        file: &conn.wr,
+        timeout: LINGER,
+        deadline,
+    };
+    let end = match wr.write_all(&reply.encode(false)) {
+        Ok(()) => End::Replied(reply.clone()),
+        Err(_) => End::ReplyFailed(reply.clone()),
+    };
+    let outcome = Outcome {
+        end,
+        request_read: false,
+    };
+    close(conn, &outcome, deadline + LINGER);
+}
+
 /// Ends the connection after the reply: shut down our write side, and when the client
 /// may still be sending (an early reply), read and discard for a moment so the close does
 /// not reset the connection before the client reads the reply.

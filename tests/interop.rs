@@ -151,6 +151,11 @@ fn nullmailer_qmqp_exits_35_not_14_when_3mb_request_denied() {
     );
     assert!(q.files("new").is_empty());
     assert!(q.files("tmp").is_empty());
+    assert!(
+        q.log_text().contains("is not authorized"),
+        "log:\n{}",
+        q.log_text()
+    );
 }
 
 #[test]

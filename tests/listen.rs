@@ -22,34 +22,38 @@ struct Listener {
 }
 
 impl Listener {
+    /// Starts `qmqpd --listen 127.0.0.1:PORT`; retries with another port when the child
+    /// exits early (another test may have taken the port between probe and bind).
     fn start(q: &TestQueue, extra: &[&str]) -> Listener {
-        let addr = SocketAddr::from(([127, 0, 0, 1], common::free_port()));
-        let child = Command::new(common::qmqpd_bin())
-            .arg("--listen")
-            .arg(addr.to_string())
-            .args(q.args())
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut l = Listener { child, addr };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !q.log_text().contains("listening on") {
-            assert!(
-                l.child.try_wait().unwrap().is_none(),
-                "qmqpd exited: {}",
-                q.log_text()
-            );
-            assert!(
-                Instant::now() < deadline,
-                "qmqpd did not start: {}",
-                q.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
+        for _attempt in 0..5 {
+            let addr = SocketAddr::from(([127, 0, 0, 1], common::free_port()));
+            let child = Command::new(common::qmqpd_bin())
+                .arg("--listen")
+                .arg(addr.to_string())
+                .args(q.args())
+                .args(extra)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap();
+            let mut l = Listener { child, addr };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if q.log_text().contains(&format!("listening on {addr}")) {
+                    return l;
+                }
+                if l.child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "qmqpd did not start: {}",
+                    q.log_text()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
-        l.addr = addr;
-        l
+        panic!("qmqpd exited before listening, 5 times: {}", q.log_text());
     }
 
     /// Peak resident memory of the server process, in KiB (VmHWM, read while it runs).

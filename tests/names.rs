@@ -181,34 +181,52 @@ fn debug_peer_list_raises_log_level_for_matching_clients_only() {
 
 /// Starts `qmqpd --listen ADDR` on a free port of `ip`; None (with the reason) when this
 /// machine has no such loopback address.
-fn listen_on(q: &TestQueue, ip: &str) -> Option<(std::process::Child, u16)> {
-    let probe = match TcpListener::bind(format!("{ip}:0")) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("skipped: cannot bind {ip}: {e}");
-            return None;
-        }
-    };
-    let port = probe.local_addr().unwrap().port();
-    drop(probe);
-    let child = Command::new(common::qmqpd_bin())
-        .arg("--listen")
-        .arg(format!("{ip}:{port}"))
-        .args(q.args())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !q.log_text().contains("listening on") {
-        assert!(
-            Instant::now() < deadline,
-            "qmqpd did not start: {}",
-            q.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
+/// A child process killed and reaped when dropped, even when the test fails.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
-    Some((child, port))
+}
+
+fn listen_on(q: &TestQueue, ip: &str) -> Option<(Reaped, u16)> {
+    for _attempt in 0..5 {
+        let probe = match TcpListener::bind(format!("{ip}:0")) {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("skipped: cannot bind {ip}: {e}");
+                return None;
+            }
+        };
+        let port = probe.local_addr().unwrap().port();
+        drop(probe);
+        let mut child = Reaped(
+            Command::new(common::qmqpd_bin())
+                .arg("--listen")
+                .arg(format!("{ip}:{port}"))
+                .args(q.args())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // Retry with another port when another test took this one first.
+        while child.0.try_wait().unwrap().is_none() {
+            if q.log_text().contains(&format!("listening on {ip}:{port}")) {
+                return Some((child, port));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "qmqpd did not start: {}",
+                q.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    panic!("qmqpd exited before listening, 5 times: {}", q.log_text());
 }
 
 fn send_to(addr: SocketAddr) -> client::Reply {
@@ -220,12 +238,11 @@ fn send_to(addr: SocketAddr) -> client::Reply {
 #[test]
 fn ipv6_client_through_listen_is_logged_and_stamped_as_ipv6() {
     let q = TestQueue::new();
-    let Some((mut child, port)) = listen_on(&q, "[::1]") else {
+    let Some((child, port)) = listen_on(&q, "[::1]") else {
         return;
     };
     let reply = send_to(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)));
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     assert_eq!(reply.status, Status::Ok, "{reply:?}");
     assert!(
         q.log_text().contains("connect from unknown[::1]"),
@@ -245,12 +262,11 @@ fn ipv4_client_of_a_dual_stack_socket_is_logged_as_ipv4() {
     let q = TestQueue::new();
     // An IPv6 socket bound to the IPv4-mapped loopback address: IPv4 clients arrive as
     // ::ffff:127.0.0.1, as on a dual-stack listener, without listening beyond loopback.
-    let Some((mut child, port)) = listen_on(&q, "[::ffff:127.0.0.1]") else {
+    let Some((child, port)) = listen_on(&q, "[::ffff:127.0.0.1]") else {
         return;
     };
     let reply = send_to(SocketAddr::from(([127, 0, 0, 1], port)));
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     assert_eq!(reply.status, Status::Ok, "{reply:?}");
     let log = q.log_text();
     assert!(log.contains("connect from unknown[127.0.0.1]"), "{log}");

@@ -97,7 +97,10 @@ fn run() -> i32 {
 
     let args = match parse_args(std::env::args_os().skip(1)) {
         Ok(args) => args,
-        Err(e) => return fail_config(&format!("{e:#}; {USAGE}"), systemd_fds.is_empty()),
+        Err(e) => {
+            let waiting = waiting_client(false, &systemd_fds);
+            return fail_config(&format!("{e:#}; {USAGE}"), &waiting);
+        }
     };
     if args.help {
         println!("{USAGE}");
@@ -121,40 +124,40 @@ fn run() -> i32 {
             }
         };
     }
-    let one_shot = args.listen.is_empty() && systemd_fds.is_empty();
+    let waiting = waiting_client(!args.listen.is_empty(), &systemd_fds);
     let cfg = match loaded {
         Ok(cfg) => cfg,
-        Err(e) => return fail_config(&e.to_string(), one_shot),
+        Err(e) => return fail_config(&e.to_string(), &waiting),
     };
     if let Err(e) = init_logging(&cfg, args.verbose) {
         // Logging goes nowhere useful; the client still gets its Z.
-        return fail_config(&format!("{e:#}"), one_shot);
+        return fail_config(&format!("{e:#}"), &waiting);
     }
     for warning in &cfg.warnings {
         log::warn!("{warning}");
     }
     let mode = match choose_mode(&args.listen, systemd_fds) {
         Ok(mode) => mode,
-        Err(e) => return fail_logged(&format!("{e:#}"), one_shot),
+        Err(e) => return fail_logged(&format!("{e:#}"), &waiting),
     };
     if let Err(e) = switch_user(&cfg.params.mail_owner) {
-        return fail_logged(&format!("{e:#}"), one_shot);
+        return fail_logged(&format!("{e:#}"), &waiting);
     }
     let svc = match Service::new(cfg.params, env) {
         Ok(svc) => svc,
-        Err(e) => return fail_logged(&e.to_string(), one_shot),
+        Err(e) => return fail_logged(&e.to_string(), &waiting),
     };
     match mode {
         Mode::Stdio => match Connection::stdio() {
             Ok(conn) => serve_once(&svc, conn),
             Err(e) => fail_logged(
                 &format!("cannot use the connection on stdin/stdout: {e}"),
-                false,
+                &Waiting::Nobody,
             ),
         },
         Mode::Passed(fd) => match Connection::socket(fd) {
             Ok(conn) => serve_once(&svc, conn),
-            Err(e) => fail_logged(&format!("cannot use the passed connection: {e}"), false),
+            Err(e) => fail_logged(&format!("cannot use the passed connection: {e}"), &waiting),
         },
         Mode::Listen(listeners) => serve_listeners(svc, &listeners, !args.listen.is_empty()),
     }
@@ -179,13 +182,20 @@ fn exit_status(outcome: &Outcome) -> i32 {
 fn serve_listeners(svc: Service, listeners: &[TcpListener], self_bound: bool) -> i32 {
     let stop = match StopSignal::install() {
         Ok(stop) => stop,
-        Err(e) => return fail_logged(&format!("cannot set up signal handling: {e}"), false),
+        Err(e) => {
+            return fail_logged(
+                &format!("cannot set up signal handling: {e}"),
+                &Waiting::Nobody,
+            );
+        }
     };
     remove_stale_tmp(&svc);
     let params = &svc.params;
     let limits = Limits {
         max_use: (!self_bound).then_some(params.max_use),
-        max_idle: (!self_bound).then_some(params.max_idle),
+        // max_idle = 0 means no idle exit (exiting before the first accept would make systemd
+        // start the service again at once).
+        max_idle: (!self_bound && !params.max_idle.is_zero()).then_some(params.max_idle),
         process_limit: usize::try_from(params.default_process_limit).unwrap_or(usize::MAX),
     };
     for l in listeners {
@@ -306,9 +316,28 @@ fn switch_user(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Who waits for a reply when qmqpd must give up before serving: the client on
+/// stdin/stdout, a connected socket passed by systemd, or nobody (listener modes).
+enum Waiting {
+    Client(Connection),
+    Nobody,
+}
+
+fn waiting_client(listen: bool, systemd_fds: &[OwnedFd]) -> Waiting {
+    let conn = match systemd_fds {
+        _ if listen => return Waiting::Nobody,
+        [] => Connection::stdio(),
+        [fd] if matches!(server::is_listening(fd.as_fd()), Ok(false)) => {
+            fd.try_clone().and_then(Connection::socket)
+        }
+        _ => return Waiting::Nobody,
+    };
+    conn.map_or(Waiting::Nobody, Waiting::Client)
+}
+
 /// A configuration error before logging is set up: tell whoever can hear it, give a waiting
 /// client its Z, exit 78.
-fn fail_config(msg: &str, one_shot: bool) -> i32 {
+fn fail_config(msg: &str, waiting: &Waiting) -> i32 {
     let defaults = config::Params::default();
     let setup = LogSetup {
         syslog_facility: defaults.syslog_facility,
@@ -320,16 +349,14 @@ fn fail_config(msg: &str, one_shot: bool) -> i32 {
     if logging::init(&setup).is_err() || io::stderr().is_terminal() {
         eprintln!("qmqpd: fatal: {msg}");
     }
-    fail_logged(msg, one_shot)
+    fail_logged(msg, waiting)
 }
 
 /// A configuration error with logging set up (or unavailable): log, reply Z, exit 78.
-fn fail_logged(msg: &str, one_shot: bool) -> i32 {
+fn fail_logged(msg: &str, waiting: &Waiting) -> i32 {
     log::error!("fatal: {msg}");
-    if one_shot {
-        let reply = Reply::Rejected(Rejection::Internal).encode(false);
-        let mut out = io::stdout().lock();
-        let _ = out.write_all(&reply).and_then(|()| out.flush());
+    if let Waiting::Client(conn) = waiting {
+        server::refuse(conn, &Reply::Rejected(Rejection::Internal));
     }
     EXIT_CONFIG
 }

@@ -23,11 +23,7 @@ const IO_LIMIT: Duration = Duration::from_secs(120);
 
 /// The built qmqpd.
 pub fn qmqpd_bin() -> PathBuf {
-    // option_env!, not env!, so the tests compile even while the binary is being written.
-    match option_env!("CARGO_BIN_EXE_qmqpd") {
-        Some(path) => PathBuf::from(path),
-        None => panic!("cargo built no qmqpd binary"),
-    }
+    PathBuf::from(env!("CARGO_BIN_EXE_qmqpd"))
 }
 
 /// The built qmqpc.
@@ -46,18 +42,21 @@ pub fn current_user() -> String {
 
 /// A temporary queue + config for one test.
 pub struct TestQueue {
-    /// dir/queue is the queue_directory, dir/maillog the log, dir/etc the (empty) config dir.
+    /// dir/queue is the queue_directory, dir/maillog the log, dir/etc the config directory
+    /// (an empty main.cf).
     pub dir: tempfile::TempDir,
 }
 
 impl TestQueue {
-    /// Creates the temporary directory with an empty `etc/` and an empty `queue/`.
+    /// Creates the temporary directory with `etc/main.cf` (empty) and an empty `queue/`.
     pub fn new() -> TestQueue {
         let dir = tempfile::Builder::new()
             .prefix("qmqpd-test.")
             .tempdir()
             .expect("cannot create a temporary directory");
         std::fs::create_dir(dir.path().join("etc")).expect("cannot create etc/");
+        // An empty main.cf: all defaults, whether or not qmqpd requires the file under -c.
+        std::fs::write(dir.path().join("etc/main.cf"), b"").expect("cannot create main.cf");
         // An empty main.cf: all defaults (a missing file named by -c is an error).
         std::fs::write(dir.path().join("etc/main.cf"), b"").expect("cannot create main.cf");
         std::fs::create_dir(dir.path().join("queue")).expect("cannot create queue/");
