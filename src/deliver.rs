@@ -1,0 +1,1331 @@
+//! `qmqp-queue`'s side of the queue: finding the messages in `new/`, `cur/` and `failed/`,
+//! and delivering them out of `new/`.
+//!
+//! Owns the claim protocol (a message is claimed by renaming it from `new/` into `cur/`; the
+//! rename is atomic, so of several deliverers only one wins and the others skip the file),
+//! the hand-off (an `--exec` command or a QMQP relay), the one mapping from a command's exit
+//! status or a server's reply to sent / deferred / bounced, and what then becomes of the
+//! queue file: removed, back into `new/` with its next attempt time as its mtime (as
+//! Postfix does with deferred queue files), or into `failed/` with the reason beside it.
+//! It logs every outcome in Postfix's words. It does not parse command lines, print
+//! listings or install signal handlers: that is `qmqp-queue`'s job.
+
+use std::collections::HashSet;
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::client::{self, Status as ReplyStatus};
+use crate::logging::sanitize;
+use crate::netstring;
+use crate::queue::{self, Envelope};
+use crate::session::verp_delimiters;
+
+/// Default `--timeout` for `--exec`: the longest a command may run (Postfix's
+/// `command_time_limit`).
+pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(1000);
+/// Default `--timeout` for `--relay`: the longest one connect, read or write may take
+/// (`qmqpd_timeout`).
+pub const DEFAULT_RELAY_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default `--stale-time`: a claim in `cur/` untouched for this long belongs to a deliverer
+/// that died, and is taken back into `new/`.
+pub const DEFAULT_STALE_TIME: Duration = Duration::from_secs(3600);
+/// Default `--min-backoff` (Postfix's `minimal_backoff_time`).
+pub const DEFAULT_MIN_BACKOFF: Duration = Duration::from_secs(300);
+/// Default `--max-backoff` (Postfix's `maximal_backoff_time`).
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(4000);
+
+/// Exit statuses of an `--exec` command that mean "try again later": the sysexits codes
+/// `EX_OSERR` (71), `EX_CANTCREAT` (73), `EX_IOERR` (74) and `EX_TEMPFAIL` (75), and qmail's
+/// 111. Every other non-zero status is permanent.
+pub const TEMPORARY_EXIT_CODES: [i32; 5] = [71, 73, 74, 75, 111];
+
+/// The shell that runs `--exec` commands.
+const SHELL: &str = "/bin/sh";
+/// `$0` of the `--exec` command.
+const COMMAND_NAME: &str = "qmqp-queue";
+/// How much of a command's output is kept for the log and the reason file.
+const OUTPUT_KEEP: usize = 512;
+/// How long to wait for a command's output to end after the command exited (a background
+/// process may keep the pipe open).
+const OUTPUT_GRACE: Duration = Duration::from_secs(1);
+/// Most passes over `new/` one `--once` run makes (each pass claims at least one message).
+const MAX_ONCE_PASSES: usize = 1000;
+/// Suffix of the file in `failed/` that records why a message failed.
+pub const REASON_SUFFIX: &str = ".reason";
+
+/// Where a message is in the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum State {
+    /// Waiting in `new/` (new, or deferred until its mtime).
+    New,
+    /// Claimed by a deliverer in `cur/`.
+    Cur,
+    /// Given up in `failed/`.
+    Failed,
+}
+
+impl State {
+    /// The subdirectory of `queue_directory` that holds messages in this state.
+    pub fn dir_name(self) -> &'static str {
+        match self {
+            State::New => "new",
+            State::Cur => "cur",
+            State::Failed => "failed",
+        }
+    }
+}
+
+/// A queue-level failure: the queue cannot be read or a queue file cannot be moved or
+/// written. (Problems of one message are outcomes, not errors.)
+#[derive(Debug)]
+pub enum QueueError {
+    /// A queue directory cannot be read or created.
+    Dir { path: PathBuf, source: io::Error },
+    /// A queue file cannot be renamed or removed.
+    Move {
+        from: PathBuf,
+        to: Option<PathBuf>,
+        source: io::Error,
+    },
+    /// A queue file or reason file cannot be written.
+    Write { path: PathBuf, source: io::Error },
+}
+
+impl fmt::Display for QueueError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            QueueError::Dir { path, source } => {
+                write!(f, "cannot use directory \"{}\": {source}", path.display())
+            }
+            QueueError::Move {
+                from,
+                to: Some(to),
+                source,
+            } => write!(
+                f,
+                "cannot rename \"{}\" to \"{}\": {source}",
+                from.display(),
+                to.display()
+            ),
+            QueueError::Move {
+                from,
+                to: None,
+                source,
+            } => write!(f, "cannot remove \"{}\": {source}", from.display()),
+            QueueError::Write { path, source } => {
+                write!(f, "cannot write \"{}\": {source}", path.display())
+            }
+        }
+    }
+}
+
+impl std::error::Error for QueueError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            QueueError::Dir { source, .. }
+            | QueueError::Move { source, .. }
+            | QueueError::Write { source, .. } => Some(source),
+        }
+    }
+}
+
+/// One queue file found by [`list_messages`] or [`find_message`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// The file name, `QUEUEID.HOSTNAME`.
+    pub name: OsString,
+    /// The queue ID: the file name up to its first dot.
+    pub queue_id: String,
+    /// Which directory it is in.
+    pub state: State,
+    /// Its full path.
+    pub path: PathBuf,
+}
+
+/// The queue ID part of a queue file name (up to the first dot), lossily decoded.
+pub fn queue_id_of(name: &OsStr) -> String {
+    let bytes = name.as_bytes();
+    let id = bytes.split(|&b| b == b'.').next().unwrap_or(bytes);
+    String::from_utf8_lossy(id).into_owned()
+}
+
+/// True for names that are queue files: not hidden, not a `failed/` reason file.
+fn is_queue_file_name(name: &OsStr) -> bool {
+    let bytes = name.as_bytes();
+    !bytes.is_empty() && !bytes.starts_with(b".") && !bytes.ends_with(REASON_SUFFIX.as_bytes())
+}
+
+/// The queue files in the given states, sorted by name (so by arrival) and then state.
+/// A missing state directory holds no messages; a missing `queue_dir` is an error.
+pub fn list_messages(queue_dir: &Path, states: &[State]) -> Result<Vec<Message>, QueueError> {
+    fs::metadata(queue_dir).map_err(|source| QueueError::Dir {
+        path: queue_dir.to_path_buf(),
+        source,
+    })?;
+    let mut out = Vec::new();
+    for &state in states {
+        let dir = queue_dir.join(state.dir_name());
+        let entries = match fs::read_dir(&dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            other => other.map_err(|source| QueueError::Dir {
+                path: dir.clone(),
+                source,
+            })?,
+        };
+        for entry in entries {
+            let entry = entry.map_err(|source| QueueError::Dir {
+                path: dir.clone(),
+                source,
+            })?;
+            let name = entry.file_name();
+            if !is_queue_file_name(&name) {
+                continue;
+            }
+            out.push(Message {
+                queue_id: queue_id_of(&name),
+                path: entry.path(),
+                name,
+                state,
+            });
+        }
+    }
+    out.sort_by(|a, b| (&a.name, a.state).cmp(&(&b.name, b.state)));
+    Ok(out)
+}
+
+/// The message whose queue ID or file name is `id`, looked for in `new/`, `cur/` and
+/// `failed/`; `None` when there is none. An `id` holding `/` or starting with `.` matches
+/// nothing.
+pub fn find_message(queue_dir: &Path, id: &str) -> Result<Option<Message>, QueueError> {
+    if id.is_empty() || id.starts_with('.') || id.contains('/') {
+        return Ok(None);
+    }
+    let all = list_messages(queue_dir, &[State::New, State::Cur, State::Failed])?;
+    Ok(all
+        .into_iter()
+        .find(|m| m.queue_id == id || m.name.as_bytes() == id.as_bytes()))
+}
+
+/// The reason recorded beside a message in `failed/`, if any.
+pub fn failure_reason(message: &Message) -> Option<String> {
+    if message.state != State::Failed {
+        return None;
+    }
+    let mut path = message.path.clone().into_os_string();
+    path.push(REASON_SUFFIX);
+    fs::read(path)
+        .ok()
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+/// The envelope sender for one recipient of a VERP sender, the qmail way: `prefix-@host-@[]`
+/// and `user@domain` give `prefix-user=domain@host`. `None` when `sender` is not a VERP
+/// sender (as qmqpd recognises them).
+pub fn verp_sender(sender: &[u8], recipient: &[u8]) -> Option<Vec<u8>> {
+    verp_delimiters(sender)?;
+    let base = sender.strip_suffix(b"-@[]")?;
+    let at = base.iter().rposition(|&b| b == b'@')?;
+    let (local, host) = base.split_at(at);
+    let mut out = Vec::with_capacity(base.len().saturating_add(recipient.len()));
+    out.extend_from_slice(local);
+    match recipient.iter().rposition(|&b| b == b'@') {
+        Some(r) => {
+            let (user, domain) = recipient.split_at(r);
+            out.extend_from_slice(user);
+            out.push(b'=');
+            out.extend_from_slice(domain.get(1..).unwrap_or_default());
+        }
+        None => out.extend_from_slice(recipient),
+    }
+    out.extend_from_slice(host);
+    Some(out)
+}
+
+/// Where messages go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// `--exec CMD`: `/bin/sh -c CMD qmqp-queue RCPT...`, the message on stdin.
+    Exec(String),
+    /// `--relay host:port`: one QMQP request per message.
+    Relay(String),
+}
+
+/// How `deliver` works.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Where messages go.
+    pub target: Target,
+    /// `--exec`: longest run of one command; `--relay`: longest connect, read or write.
+    pub timeout: Duration,
+    /// Claims in `cur/` untouched for this long are taken back into `new/` (0: all).
+    pub stale_time: Duration,
+    /// Shortest wait before a deferred message is tried again.
+    pub min_backoff: Duration,
+    /// Longest wait before a deferred message is tried again.
+    pub max_backoff: Duration,
+    /// Try every message in `new/` once even when its next attempt time is in the future.
+    pub flush: bool,
+}
+
+impl Options {
+    /// Options with the defaults for `target`.
+    pub fn new(target: Target) -> Options {
+        let timeout = match target {
+            Target::Exec(_) => DEFAULT_EXEC_TIMEOUT,
+            Target::Relay(_) => DEFAULT_RELAY_TIMEOUT,
+        };
+        Options {
+            target,
+            timeout,
+            stale_time: DEFAULT_STALE_TIME,
+            min_backoff: DEFAULT_MIN_BACKOFF,
+            max_backoff: DEFAULT_MAX_BACKOFF,
+            flush: false,
+        }
+    }
+}
+
+/// The class of one delivery attempt's result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Delivered: the recipient is done.
+    Sent,
+    /// Temporary failure: try again later.
+    Deferred,
+    /// Permanent failure: the recipient goes to `failed/`.
+    Bounced,
+}
+
+impl Status {
+    /// The word Postfix logs (`status=sent`).
+    pub fn word(self) -> &'static str {
+        match self {
+            Status::Sent => "sent",
+            Status::Deferred => "deferred",
+            Status::Bounced => "bounced",
+        }
+    }
+}
+
+/// The result of one attempt: its class and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// Sent, deferred or bounced.
+    pub status: Status,
+    /// The text logged in parentheses after the status.
+    pub reason: String,
+}
+
+impl Verdict {
+    fn new(status: Status, reason: impl Into<String>) -> Verdict {
+        Verdict {
+            status,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The sysexits name of an exit status, for reasons.
+fn sysexits_text(code: i32) -> Option<&'static str> {
+    Some(match code {
+        64 => "command line usage error",
+        65 => "data format error",
+        66 => "cannot open input",
+        67 => "user unknown",
+        68 => "host name unknown",
+        69 => "service unavailable",
+        70 => "internal software error",
+        71 => "system resource problem",
+        72 => "critical OS file missing",
+        73 => "can't create user output file",
+        74 => "input/output error",
+        75 => "temporary failure",
+        76 => "remote error in protocol",
+        77 => "permission denied",
+        78 => "local configuration error",
+        100 => "permanent failure",
+        111 => "temporary failure",
+        _ => return None,
+    })
+}
+
+/// The one mapping from an `--exec` command's end to a verdict: 0 is sent; the codes in
+/// [`TEMPORARY_EXIT_CODES`] and death by a signal are deferred; anything else is bounced.
+/// `output` (already cleaned) is appended to the reason.
+pub fn classify_exit(status: ExitStatus, output: &str) -> Verdict {
+    let (class, mut reason) = match (status.code(), status.signal()) {
+        (Some(0), _) => (Status::Sent, "delivered via command".to_string()),
+        (Some(code), _) => {
+            let class = if TEMPORARY_EXIT_CODES.contains(&code) {
+                Status::Deferred
+            } else {
+                Status::Bounced
+            };
+            let text = match sysexits_text(code) {
+                Some(text) => format!("command exited with status {code} ({text})"),
+                None => format!("command exited with status {code}"),
+            };
+            (class, text)
+        }
+        (None, Some(sig)) => (Status::Deferred, format!("command killed by signal {sig}")),
+        (None, None) => (Status::Deferred, format!("command ended: {status}")),
+    };
+    if !output.is_empty() {
+        reason.push_str(": ");
+        reason.push_str(output);
+    }
+    Verdict::new(class, reason)
+}
+
+/// The one mapping from a QMQP server's reply to a verdict: K sent, Z deferred, D bounced.
+pub fn classify_reply(reply: &client::Reply, relay: &str) -> Verdict {
+    let text = sanitize(reply.text.as_bytes());
+    match reply.status {
+        ReplyStatus::Ok => Verdict::new(Status::Sent, text),
+        ReplyStatus::TempFail => {
+            Verdict::new(Status::Deferred, format!("host {relay} said: {text}"))
+        }
+        ReplyStatus::PermFail => {
+            Verdict::new(Status::Bounced, format!("host {relay} said: {text}"))
+        }
+    }
+}
+
+/// A command's output made fit for one log line: whitespace runs become one space, at most
+/// [`OUTPUT_KEEP`] bytes, control characters escaped.
+fn clean_output(raw: &[u8]) -> String {
+    let kept = raw.get(..OUTPUT_KEEP).unwrap_or(raw);
+    let mut joined = Vec::with_capacity(kept.len());
+    let mut space = false;
+    for &b in kept {
+        if b.is_ascii_whitespace() {
+            space = true;
+            continue;
+        }
+        if space && !joined.is_empty() {
+            joined.push(b' ');
+        }
+        space = false;
+        joined.push(b);
+    }
+    let mut text = sanitize(&joined);
+    if raw.len() > OUTPUT_KEEP {
+        text.push_str("...");
+    }
+    text
+}
+
+/// Postfix-style delay: seconds with two decimals below 100, whole seconds above.
+fn format_delay(secs: f64) -> String {
+    if secs < 100.0 {
+        format!("{secs:.2}")
+    } else {
+        format!("{secs:.0}")
+    }
+}
+
+/// Seconds since the Unix epoch of an `arrival_time` attribute (`secs.micros`).
+fn parse_arrival(value: &str) -> Option<f64> {
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return None;
+    }
+    value.parse().ok()
+}
+
+/// Seconds since the Unix epoch of `t` (0 before the epoch).
+fn unix_secs(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Whether the next attempt time (mtime) of a file in `new/` has come.
+fn is_due(modified: io::Result<SystemTime>, now: SystemTime) -> bool {
+    modified.map_or(true, |m| m <= now)
+}
+
+/// How long a message deferred at `now` waits before its next attempt: its age in the
+/// queue, at least `min` and at most `max` (so the waits grow as the message ages).
+pub fn backoff(arrival: Option<f64>, now: SystemTime, min: Duration, max: Duration) -> Duration {
+    let age = arrival
+        .map(|a| (unix_secs(now) - a).max(0.0))
+        .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+        .unwrap_or_default();
+    age.min(max).max(min)
+}
+
+/// Creates `path` (mode 0750) and its parents when missing.
+fn create_dir(path: &Path) -> Result<(), QueueError> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(0o750)
+        .create(path)
+        .map_err(|source| QueueError::Dir {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// fsync of a directory, so renames into it survive a crash.
+fn sync_dir(path: &Path) -> Result<(), QueueError> {
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| QueueError::Dir {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Renames `from` to `to`; `Ok(false)` when `from` no longer exists.
+fn rename(from: &Path, to: &Path) -> Result<bool, QueueError> {
+    match fs::rename(from, to) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(QueueError::Move {
+            from: from.to_path_buf(),
+            to: Some(to.to_path_buf()),
+            source,
+        }),
+    }
+}
+
+/// A message this deliverer holds in `cur/`.
+struct Claim {
+    name: OsString,
+    queue_id: String,
+    /// `cur/NAME`.
+    path: PathBuf,
+    /// The open queue file, for refreshing its mtime while a command runs.
+    file: File,
+}
+
+/// One recipient's verdict (by index into the envelope's recipients).
+struct RecipientVerdict {
+    index: usize,
+    verdict: Verdict,
+}
+
+/// Delivers messages out of one queue directory; several may run at once, in one process
+/// or many.
+pub struct Deliverer {
+    dir: PathBuf,
+    opts: Options,
+    /// Messages this deliverer deferred: a `--once` run does not try them again.
+    deferred: HashSet<OsString>,
+}
+
+/// What one pass over `new/` did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pass {
+    /// Messages claimed (and so delivered, deferred or failed).
+    pub claimed: usize,
+}
+
+impl Deliverer {
+    /// A deliverer for `queue_dir`; creates `tmp/`, `new/`, `cur/` and `failed/` when missing.
+    pub fn new(queue_dir: &Path, opts: Options) -> Result<Deliverer, QueueError> {
+        for sub in ["tmp", "new", "cur", "failed"] {
+            create_dir(&queue_dir.join(sub))?;
+        }
+        Ok(Deliverer {
+            dir: queue_dir.to_path_buf(),
+            opts,
+            deferred: HashSet::new(),
+        })
+    }
+
+    fn sub(&self, state: State) -> PathBuf {
+        self.dir.join(state.dir_name())
+    }
+
+    /// Takes claims in `cur/` untouched for `stale_time` back into `new/` (their deliverer
+    /// died); returns how many.
+    pub fn take_back_stale(&self, now: SystemTime) -> Result<usize, QueueError> {
+        let stale = self.opts.stale_time;
+        let mut taken = 0;
+        for message in list_messages(&self.dir, &[State::Cur])? {
+            let Ok(meta) = fs::symlink_metadata(&message.path) else {
+                continue;
+            };
+            let old = meta
+                .modified()
+                .ok()
+                .and_then(|m| now.duration_since(m).ok())
+                .map_or(stale.is_zero(), |age| age >= stale);
+            if !old || !meta.is_file() {
+                continue;
+            }
+            let to = self.sub(State::New).join(&message.name);
+            if rename(&message.path, &to)? {
+                log::warn!(
+                    "{}: stale claim in cur/ (untouched for {}s or more): back to new/",
+                    message.queue_id,
+                    stale.as_secs()
+                );
+                taken += 1;
+            }
+        }
+        Ok(taken)
+    }
+
+    /// One pass over `new/`: claims each message that is due, oldest first, and delivers it.
+    /// `once`: messages this deliverer deferred earlier are not tried again. Stops between
+    /// messages when `stop` is set.
+    pub fn deliver_pass(&mut self, once: bool, stop: &AtomicBool) -> Result<Pass, QueueError> {
+        let now = SystemTime::now();
+        let mut pass = Pass::default();
+        for message in list_messages(&self.dir, &[State::New])? {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let retried = self.deferred.contains(&message.name);
+            if once && retried {
+                continue;
+            }
+            let Some(claim) = self.claim(&message, !retried && self.opts.flush, now)? else {
+                continue;
+            };
+            pass.claimed += 1;
+            self.deliver(claim)?;
+        }
+        Ok(pass)
+    }
+
+    /// Runs passes until one claims nothing (at most [`MAX_ONCE_PASSES`]) or `stop` is set.
+    pub fn drain(&mut self, stop: &AtomicBool) -> Result<usize, QueueError> {
+        let mut claimed = 0;
+        for _ in 0..MAX_ONCE_PASSES {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let pass = self.deliver_pass(true, stop)?;
+            if pass.claimed == 0 {
+                break;
+            }
+            claimed += pass.claimed;
+        }
+        Ok(claimed)
+    }
+
+    /// Claims `message` by renaming it into `cur/`, after checking (on the open file, so a
+    /// deferral by another deliverer since the directory was read is seen) that it is due,
+    /// and marking it fresh so no one takes it back as stale. `None`: not due, or another
+    /// deliverer was faster.
+    fn claim(
+        &self,
+        message: &Message,
+        ignore_due: bool,
+        now: SystemTime,
+    ) -> Result<Option<Claim>, QueueError> {
+        let file = match File::open(&message.path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                log::warn!("cannot open {}: {e}", message.path.display());
+                return Ok(None);
+            }
+        };
+        let meta = match file.metadata() {
+            Ok(meta) if meta.is_file() => meta,
+            Ok(_) => return Ok(None),
+            Err(e) => {
+                log::warn!("cannot stat {}: {e}", message.path.display());
+                return Ok(None);
+            }
+        };
+        if !ignore_due && !is_due(meta.modified(), now) {
+            return Ok(None);
+        }
+        if let Err(e) = file.set_modified(now) {
+            log::debug!("cannot touch {}: {e}", message.path.display());
+        }
+        let path = self.sub(State::Cur).join(&message.name);
+        if !rename(&message.path, &path)? {
+            return Ok(None);
+        }
+        Ok(Some(Claim {
+            name: message.name.clone(),
+            queue_id: message.queue_id.clone(),
+            path,
+            file,
+        }))
+    }
+
+    /// Delivers one claimed message and disposes of its queue file.
+    fn deliver(&mut self, claim: Claim) -> Result<(), QueueError> {
+        let envelope = match queue::read_envelope(&claim.path) {
+            Ok(envelope) => envelope,
+            Err(e) => return self.unreadable(claim, &e),
+        };
+        log::info!(
+            "{}: from=<{}>, size={}, nrcpt={} (queue active)",
+            claim.queue_id,
+            sanitize(&envelope.sender),
+            envelope.message_len,
+            envelope.recipients.len()
+        );
+        let (relay, verdicts) = match &self.opts.target {
+            Target::Exec(command) => (
+                "exec".to_string(),
+                self.run_exec(command, &claim, &envelope),
+            ),
+            Target::Relay(server) => self.run_relay(server, &claim, &envelope),
+        };
+        let now = SystemTime::now();
+        let arrival = envelope
+            .attributes
+            .get("arrival_time")
+            .and_then(parse_arrival);
+        let delay = format_delay(arrival.map_or(0.0, |a| (unix_secs(now) - a).max(0.0)));
+        let mut lines = Vec::new();
+        for v in &verdicts {
+            let rcpt = envelope
+                .recipients
+                .get(v.index)
+                .map(|r| sanitize(r))
+                .unwrap_or_default();
+            let line = format!(
+                "to=<{rcpt}>, relay={relay}, delay={delay}, status={} ({})",
+                v.verdict.status.word(),
+                sanitize(v.verdict.reason.as_bytes())
+            );
+            log::info!("{}: {line}", claim.queue_id);
+            lines.push((v.verdict.status, line));
+        }
+        self.dispose(claim, &envelope, &verdicts, &lines, arrival, now)
+    }
+
+    /// A claimed file that cannot be read: corrupt files go to `failed/`, other errors
+    /// (out of descriptors, I/O) back to `new/` for later.
+    fn unreadable(&mut self, claim: Claim, e: &io::Error) -> Result<(), QueueError> {
+        let corrupt = matches!(
+            e.kind(),
+            io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof
+        );
+        let reason = format!("cannot read queue file: {e}");
+        if corrupt {
+            log::warn!("{}: {reason}: moved to failed/", claim.queue_id);
+            let line = format!("status=bounced ({})", sanitize(reason.as_bytes()));
+            self.move_to_failed(&claim, &[line])
+        } else {
+            log::warn!("{}: {reason}: back to new/", claim.queue_id);
+            let now = SystemTime::now();
+            let wait = backoff(None, now, self.opts.min_backoff, self.opts.max_backoff);
+            self.move_to_new(&claim, now + wait)
+        }
+    }
+
+    /// Removes, defers or fails the claimed file (or splits it, when recipients of one
+    /// message had different outcomes).
+    fn dispose(
+        &mut self,
+        claim: Claim,
+        envelope: &Envelope,
+        verdicts: &[RecipientVerdict],
+        lines: &[(Status, String)],
+        arrival: Option<f64>,
+        now: SystemTime,
+    ) -> Result<(), QueueError> {
+        let with = |status: Status| -> Vec<usize> {
+            verdicts
+                .iter()
+                .filter(|v| v.verdict.status == status)
+                .map(|v| v.index)
+                .collect()
+        };
+        let (deferred, bounced) = (with(Status::Deferred), with(Status::Bounced));
+        let failed_lines: Vec<String> = lines
+            .iter()
+            .filter(|(s, _)| *s == Status::Bounced)
+            .map(|(_, l)| l.clone())
+            .collect();
+        let retry_at = now + backoff(arrival, now, self.opts.min_backoff, self.opts.max_backoff);
+        let all = envelope.recipients.len();
+        if deferred.is_empty() && bounced.is_empty() {
+            fs::remove_file(&claim.path).map_err(|source| QueueError::Move {
+                from: claim.path.clone(),
+                to: None,
+                source,
+            })?;
+            self.deferred.remove(&claim.name);
+            log::info!("{}: removed", claim.queue_id);
+            return Ok(());
+        }
+        if deferred.len() == all {
+            return self.move_to_new(&claim, retry_at);
+        }
+        if bounced.len() == all {
+            return self.move_to_failed(&claim, &failed_lines);
+        }
+        // Mixed outcomes (VERP runs one command per recipient): keep only the recipients
+        // that are not done, in new copies, before the claim goes.
+        if !bounced.is_empty() {
+            let failed = self.sub(State::Failed);
+            self.write_reason(&claim, &failed_lines)?;
+            self.write_subset(&claim, envelope, &bounced, &failed, None)?;
+            log::info!(
+                "{}: {} of {} recipients moved to failed/",
+                claim.queue_id,
+                bounced.len(),
+                all
+            );
+        }
+        if !deferred.is_empty() {
+            let new = self.sub(State::New);
+            self.write_subset(&claim, envelope, &deferred, &new, Some(retry_at))?;
+            self.deferred.insert(claim.name.clone());
+            log::info!(
+                "{}: {} of {} recipients deferred",
+                claim.queue_id,
+                deferred.len(),
+                all
+            );
+        }
+        fs::remove_file(&claim.path).map_err(|source| QueueError::Move {
+            from: claim.path.clone(),
+            to: None,
+            source,
+        })
+    }
+
+    /// Back into `new/`, with `retry_at` as its next attempt time.
+    fn move_to_new(&mut self, claim: &Claim, retry_at: SystemTime) -> Result<(), QueueError> {
+        if let Err(e) = claim.file.set_modified(retry_at) {
+            log::debug!("cannot set the retry time of {}: {e}", claim.path.display());
+        }
+        let to = self.sub(State::New).join(&claim.name);
+        rename(&claim.path, &to)?;
+        self.deferred.insert(claim.name.clone());
+        Ok(())
+    }
+
+    /// Into `failed/`, the reason first so that a failed message always has one.
+    fn move_to_failed(&mut self, claim: &Claim, lines: &[String]) -> Result<(), QueueError> {
+        self.write_reason(claim, lines)?;
+        let to = self.sub(State::Failed).join(&claim.name);
+        rename(&claim.path, &to)?;
+        self.deferred.remove(&claim.name);
+        log::info!("{}: moved to failed/", claim.queue_id);
+        Ok(())
+    }
+
+    /// Writes `failed/NAME.reason` (via `tmp/`): one line per failed recipient.
+    fn write_reason(&self, claim: &Claim, lines: &[String]) -> Result<(), QueueError> {
+        let mut name = claim.name.clone();
+        name.push(REASON_SUFFIX);
+        let mut text = String::new();
+        for line in lines {
+            text.push_str(line);
+            text.push('\n');
+        }
+        let tmp = self.sub_tmp(&name, ".reason-tmp");
+        let write = || -> io::Result<()> {
+            let mut f = create_new(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_data()
+        };
+        write().map_err(|source| {
+            let _ = fs::remove_file(&tmp);
+            QueueError::Write {
+                path: tmp.clone(),
+                source,
+            }
+        })?;
+        let to = self.sub(State::Failed).join(&name);
+        rename(&tmp, &to)?;
+        Ok(())
+    }
+
+    /// `tmp/NAME` plus a suffix naming what it is for.
+    fn sub_tmp(&self, name: &OsStr, suffix: &str) -> PathBuf {
+        let mut tmp_name = name.to_os_string();
+        tmp_name.push(suffix);
+        self.dir.join("tmp").join(tmp_name)
+    }
+
+    /// Writes a copy of the claimed file holding only the recipients at `keep` into
+    /// `dir/NAME` durably (via `tmp/`, fsync, rename, fsync of `dir`), with `mtime` when
+    /// given.
+    fn write_subset(
+        &self,
+        claim: &Claim,
+        envelope: &Envelope,
+        keep: &[usize],
+        dir: &Path,
+        mtime: Option<SystemTime>,
+    ) -> Result<(), QueueError> {
+        let tmp = self.sub_tmp(&claim.name, ".split-tmp");
+        let write = || -> io::Result<()> {
+            let out = create_new(&tmp)?;
+            let mut wtr = io::BufWriter::with_capacity(64 * 1024, &out);
+            // The attributes and message netstrings (up to the message's comma), as they are.
+            let copy_len = envelope
+                .message_offset
+                .checked_add(envelope.message_len)
+                .and_then(|end| end.checked_add(1))
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad message length"))?;
+            let mut src = File::open(&claim.path)?;
+            src.seek(SeekFrom::Start(0))?;
+            let copied = io::copy(&mut (&mut src).take(copy_len), &mut wtr)?;
+            if copied != copy_len {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            netstring::write_netstring(&mut wtr, &envelope.sender)?;
+            for &i in keep {
+                if let Some(rcpt) = envelope.recipients.get(i) {
+                    netstring::write_netstring(&mut wtr, rcpt)?;
+                }
+            }
+            wtr.flush()?;
+            drop(wtr);
+            out.sync_data()?;
+            if let Some(t) = mtime {
+                out.set_modified(t)?;
+            }
+            Ok(())
+        };
+        write().map_err(|source| {
+            let _ = fs::remove_file(&tmp);
+            QueueError::Write {
+                path: tmp.clone(),
+                source,
+            }
+        })?;
+        rename(&tmp, &dir.join(&claim.name))?;
+        sync_dir(dir)
+    }
+
+    /// Runs the command once for all recipients, or once per recipient for a VERP sender.
+    fn run_exec(&self, command: &str, claim: &Claim, envelope: &Envelope) -> Vec<RecipientVerdict> {
+        let rcpts: Vec<&[u8]> = envelope.recipients.iter().map(Vec::as_slice).collect();
+        if verp_delimiters(&envelope.sender).is_none() {
+            let verdict = self.run_command(command, claim, envelope, &envelope.sender, &rcpts);
+            return (0..rcpts.len())
+                .map(|index| RecipientVerdict {
+                    index,
+                    verdict: verdict.clone(),
+                })
+                .collect();
+        }
+        rcpts
+            .iter()
+            .enumerate()
+            .map(|(index, rcpt)| {
+                let sender = verp_sender(&envelope.sender, rcpt).unwrap_or_default();
+                RecipientVerdict {
+                    index,
+                    verdict: self.run_command(command, claim, envelope, &sender, &[rcpt]),
+                }
+            })
+            .collect()
+    }
+
+    /// `/bin/sh -c COMMAND qmqp-queue RCPT...` with the message on stdin and `SENDER`,
+    /// `QUEUE_ID` (and `RECIPIENT` for one recipient) in the environment; its stdout and
+    /// stderr are kept for the reason. In its own process group, so a timeout can end it
+    /// with everything it started.
+    fn run_command(
+        &self,
+        command: &str,
+        claim: &Claim,
+        envelope: &Envelope,
+        sender: &[u8],
+        rcpts: &[&[u8]],
+    ) -> Verdict {
+        if sender.contains(&0) || rcpts.iter().any(|r| r.contains(&0)) {
+            return Verdict::new(Status::Bounced, "address holds a NUL byte");
+        }
+        let (out_rdr, out_wtr) = match io::pipe().and_then(|(r, w)| Ok((r, w.try_clone()?, w))) {
+            Ok((r, w1, w2)) => (r, (w1, w2)),
+            Err(e) => return Verdict::new(Status::Deferred, format!("cannot create a pipe: {e}")),
+        };
+        let mut cmd = Command::new(SHELL);
+        cmd.arg("-c")
+            .arg(command)
+            .arg(COMMAND_NAME)
+            .args(rcpts.iter().map(|r| OsStr::from_bytes(r)))
+            .env("SENDER", OsStr::from_bytes(sender))
+            .env("QUEUE_ID", &claim.queue_id)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::from(out_wtr.0))
+            .stderr(Stdio::from(out_wtr.1))
+            .process_group(0);
+        match rcpts {
+            [one] => cmd.env("RECIPIENT", OsStr::from_bytes(one)),
+            _ => cmd.env_remove("RECIPIENT"),
+        };
+        let spawned = cmd.spawn();
+        // The Command holds our copies of the output pipe's write end: drop them so the
+        // reader sees end-of-file when the command (and its children) are done.
+        drop(cmd);
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(e) if e.raw_os_error() == Some(nix::libc::E2BIG) => {
+                return Verdict::new(
+                    Status::Bounced,
+                    format!("cannot run {SHELL}: too many or too long recipients: {e}"),
+                );
+            }
+            Err(e) => return Verdict::new(Status::Deferred, format!("cannot run {SHELL}: {e}")),
+        };
+        let pid = child.id();
+        // The message goes in from a thread of its own, so a command that writes much
+        // output before reading its input cannot deadlock with us.
+        if let Some(mut stdin) = child.stdin.take() {
+            let message = open_message(&claim.path, envelope);
+            std::thread::spawn(move || {
+                if let Ok(mut message) = message {
+                    // A command may exit without reading everything; its exit status decides.
+                    let _ = io::copy(&mut message, &mut stdin);
+                }
+            });
+        }
+        let output = Arc::new(Mutex::new(Vec::new()));
+        let (out_done_tx, out_done) = mpsc::channel::<()>();
+        {
+            let output = Arc::clone(&output);
+            std::thread::spawn(move || {
+                read_output(out_rdr, &output);
+                let _ = out_done_tx.send(());
+            });
+        }
+        let (status_tx, status_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = status_tx.send(child.wait());
+        });
+        let (status, timed_out) = self.wait_command(&status_rx, pid, claim);
+        let _ = out_done.recv_timeout(OUTPUT_GRACE);
+        let raw = output
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let output = clean_output(&raw);
+        match status {
+            _ if timed_out => Verdict::new(
+                Status::Deferred,
+                format!("command timed out after {}s", self.opts.timeout.as_secs()),
+            ),
+            Ok(status) => classify_exit(status, &output),
+            Err(e) => Verdict::new(
+                Status::Deferred,
+                format!("cannot wait for the command: {e}"),
+            ),
+        }
+    }
+
+    /// Waits for the command's exit status, keeping the claim fresh meanwhile; kills its
+    /// process group when `timeout` passes. Returns the status and whether it timed out.
+    fn wait_command(
+        &self,
+        status_rx: &mpsc::Receiver<io::Result<ExitStatus>>,
+        pid: u32,
+        claim: &Claim,
+    ) -> (io::Result<ExitStatus>, bool) {
+        let beat =
+            (self.opts.stale_time / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
+        let deadline = Instant::now().checked_add(self.opts.timeout);
+        let mut timed_out = false;
+        loop {
+            let wait = match deadline {
+                Some(d) if !timed_out => d.saturating_duration_since(Instant::now()).min(beat),
+                _ => beat,
+            };
+            match status_rx.recv_timeout(wait) {
+                Ok(status) => return (status, timed_out),
+                Err(RecvTimeoutError::Disconnected) => {
+                    return (Err(io::Error::other("the waiting thread ended")), timed_out);
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    let _ = claim.file.set_modified(SystemTime::now());
+                    if !timed_out && deadline.is_some_and(|d| Instant::now() >= d) {
+                        timed_out = true;
+                        kill_group(pid);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends the message to the relay; one verdict for all recipients.
+    fn run_relay(
+        &self,
+        server: &str,
+        claim: &Claim,
+        envelope: &Envelope,
+    ) -> (String, Vec<RecipientVerdict>) {
+        let (relay, verdict) = self.relay_message(server, claim, envelope);
+        let verdicts = (0..envelope.recipients.len())
+            .map(|index| RecipientVerdict {
+                index,
+                verdict: verdict.clone(),
+            })
+            .collect();
+        (relay, verdicts)
+    }
+
+    /// One QMQP request: the queue file minus its attributes, streamed from the file.
+    fn relay_message(&self, server: &str, claim: &Claim, envelope: &Envelope) -> (String, Verdict) {
+        let mut stream = match client::connect(server, self.opts.timeout) {
+            Ok(stream) => stream,
+            Err(e) => {
+                return (
+                    "none".to_string(),
+                    Verdict::new(Status::Deferred, format!("connect to {server}: {e}")),
+                );
+            }
+        };
+        let host = client::parse_server(server).map_or_else(|_| server.to_string(), |(h, _)| h);
+        let relay = match stream.peer_addr() {
+            Ok(addr) => format!("{host}[{}]:{}", addr.ip(), addr.port()),
+            Err(_) => server.to_string(),
+        };
+        let mut message = match open_message(&claim.path, envelope) {
+            Ok(message) => message,
+            Err(e) => {
+                return (
+                    relay,
+                    Verdict::new(Status::Deferred, format!("cannot read queue file: {e}")),
+                );
+            }
+        };
+        let rcpts: Vec<&[u8]> = envelope.recipients.iter().map(Vec::as_slice).collect();
+        let sent = client::send(
+            &mut stream,
+            &mut message,
+            envelope.message_len,
+            &envelope.sender,
+            &rcpts,
+        );
+        let verdict = match sent {
+            Ok(reply) => classify_reply(&reply, &relay),
+            Err(e) => Verdict::new(
+                Status::Deferred,
+                format!("no valid reply from {relay}: {e}"),
+            ),
+        };
+        (relay, verdict)
+    }
+}
+
+/// Opens a queue file at its message, reading exactly the message's bytes.
+fn open_message(path: &Path, envelope: &Envelope) -> io::Result<io::Take<BufReader<File>>> {
+    let mut file = File::open(path)?;
+    file.seek(SeekFrom::Start(envelope.message_offset))?;
+    Ok(BufReader::with_capacity(64 * 1024, file).take(envelope.message_len))
+}
+
+/// Creates a new file (mode 0600), failing if it exists.
+fn create_new(path: &Path) -> io::Result<File> {
+    // A leftover from a crash would make create_new fail forever: remove it first.
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// Reads a command's output until end of file, keeping the first [`OUTPUT_KEEP`] bytes
+/// (and one more, to know there was more).
+fn read_output<R: Read>(mut rdr: R, keep: &Mutex<Vec<u8>>) {
+    let mut buf = [0u8; 4096];
+    loop {
+        match rdr.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                let mut kept = keep.lock().unwrap_or_else(PoisonError::into_inner);
+                let room = (OUTPUT_KEEP + 1).saturating_sub(kept.len());
+                kept.extend_from_slice(buf.get(..n.min(room)).unwrap_or_default());
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// SIGKILL to the process group of a command started with `process_group(0)`.
+fn kill_group(pid: u32) {
+    use nix::sys::signal::{Signal, killpg};
+    use nix::unistd::Pid;
+    if let Ok(pid) = i32::try_from(pid)
+        && let Err(e) = killpg(Pid::from_raw(pid), Signal::SIGKILL)
+    {
+        log::warn!("cannot kill command process group {pid}: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exit(code: i32) -> ExitStatus {
+        ExitStatus::from_raw(code << 8)
+    }
+
+    #[test]
+    fn verp_sender_expands_the_qmail_way() {
+        assert_eq!(
+            verp_sender(b"list-@lists.example.org-@[]", b"user@example.com").unwrap(),
+            b"list-user=example.com@lists.example.org".to_vec()
+        );
+        assert_eq!(
+            verp_sender(b"list-@lists.example.org-@[]", b"postmaster").unwrap(),
+            b"list-postmaster@lists.example.org".to_vec()
+        );
+        assert_eq!(
+            verp_sender(b"b+@h-@[]", b"a@b@c").unwrap(),
+            b"b+a@b=c@h".to_vec()
+        );
+    }
+
+    #[test]
+    fn verp_sender_ignores_plain_senders() {
+        assert_eq!(verp_sender(b"list@example.org", b"u@d"), None);
+        assert_eq!(verp_sender(b"", b"u@d"), None);
+        assert_eq!(verp_sender(b"-@[]", b"u@d"), None);
+    }
+
+    #[test]
+    fn classify_exit_maps_sysexits() {
+        assert_eq!(classify_exit(exit(0), "").status, Status::Sent);
+        for code in [71, 73, 74, 75, 111] {
+            assert_eq!(
+                classify_exit(exit(code), "").status,
+                Status::Deferred,
+                "{code}"
+            );
+        }
+        for code in [1, 64, 65, 67, 69, 70, 77, 78, 100, 255] {
+            assert_eq!(
+                classify_exit(exit(code), "").status,
+                Status::Bounced,
+                "{code}"
+            );
+        }
+    }
+
+    #[test]
+    fn classify_exit_treats_signals_as_temporary() {
+        let v = classify_exit(ExitStatus::from_raw(9), "");
+        assert_eq!(v.status, Status::Deferred);
+        assert_eq!(v.reason, "command killed by signal 9");
+    }
+
+    #[test]
+    fn classify_exit_reason_names_code_and_output() {
+        let v = classify_exit(exit(67), "no such user");
+        assert_eq!(
+            v.reason,
+            "command exited with status 67 (user unknown): no such user"
+        );
+    }
+
+    #[test]
+    fn classify_reply_maps_k_z_d() {
+        let reply = |status, text: &str| client::Reply {
+            status,
+            text: text.into(),
+        };
+        let k = classify_reply(&reply(ReplyStatus::Ok, "Ok: queued as X"), "h[1.2.3.4]:628");
+        assert_eq!(k, Verdict::new(Status::Sent, "Ok: queued as X"));
+        let z = classify_reply(&reply(ReplyStatus::TempFail, "Error: x"), "h");
+        assert_eq!(z.status, Status::Deferred);
+        assert_eq!(z.reason, "host h said: Error: x");
+        let d = classify_reply(&reply(ReplyStatus::PermFail, "Error:\ny"), "h");
+        assert_eq!(d.status, Status::Bounced);
+        assert_eq!(d.reason, "host h said: Error:\\ny");
+    }
+
+    #[test]
+    fn clean_output_joins_whitespace_and_caps() {
+        assert_eq!(clean_output(b"  a\n\n b\tc \n"), "a b c");
+        assert_eq!(clean_output(b"\x1b[2J"), "\\x1b[2J");
+        let long = vec![b'x'; OUTPUT_KEEP + 10];
+        let text = clean_output(&long);
+        assert_eq!(text.len(), OUTPUT_KEEP + 3);
+        assert!(text.ends_with("..."));
+    }
+
+    #[test]
+    fn backoff_grows_with_age_within_bounds() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let min = Duration::from_secs(300);
+        let max = Duration::from_secs(4000);
+        assert_eq!(backoff(Some(999_990.0), now, min, max), min);
+        assert_eq!(
+            backoff(Some(999_000.0), now, min, max),
+            Duration::from_secs(1000)
+        );
+        assert_eq!(backoff(Some(0.0), now, min, max), max);
+        assert_eq!(backoff(None, now, min, max), min);
+        assert_eq!(backoff(Some(2e9), now, min, max), min);
+    }
+
+    #[test]
+    fn parse_arrival_accepts_only_decimal_seconds() {
+        assert_eq!(
+            parse_arrival("1764000000.123456"),
+            Some(1_764_000_000.123_456)
+        );
+        assert_eq!(parse_arrival(""), None);
+        assert_eq!(parse_arrival("-1"), None);
+        assert_eq!(parse_arrival("1e9"), None);
+        assert_eq!(parse_arrival("nan"), None);
+    }
+
+    #[test]
+    fn format_delay_rounds_like_postfix() {
+        assert_eq!(format_delay(0.1234), "0.12");
+        assert_eq!(format_delay(250.6), "251");
+    }
+
+    #[test]
+    fn queue_id_of_stops_at_first_dot() {
+        assert_eq!(queue_id_of(OsStr::new("ABC.host.example")), "ABC");
+        assert_eq!(queue_id_of(OsStr::new("ABC")), "ABC");
+    }
+
+    #[test]
+    fn list_messages_sorts_and_skips_reason_and_hidden_files() {
+        let dir = tempfile::tempdir().unwrap();
+        for sub in ["new", "cur", "failed"] {
+            fs::create_dir(dir.path().join(sub)).unwrap();
+        }
+        fs::write(dir.path().join("new/B.h"), b"").unwrap();
+        fs::write(dir.path().join("cur/A.h"), b"").unwrap();
+        fs::write(dir.path().join("failed/C.h"), b"").unwrap();
+        fs::write(dir.path().join("failed/C.h.reason"), b"why").unwrap();
+        fs::write(dir.path().join("new/.hidden"), b"").unwrap();
+        let all = list_messages(dir.path(), &[State::New, State::Cur, State::Failed]).unwrap();
+        let names: Vec<_> = all.iter().map(|m| (m.queue_id.as_str(), m.state)).collect();
+        assert_eq!(
+            names,
+            [("A", State::Cur), ("B", State::New), ("C", State::Failed)]
+        );
+        let c = find_message(dir.path(), "C").unwrap().unwrap();
+        assert_eq!(failure_reason(&c).as_deref(), Some("why"));
+        assert!(find_message(dir.path(), "C.h").unwrap().is_some());
+        assert!(find_message(dir.path(), "../new/B.h").unwrap().is_none());
+        assert!(find_message(dir.path(), "D").unwrap().is_none());
+    }
+
+    #[test]
+    fn list_messages_rejects_missing_queue_but_not_missing_state_dirs() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(list_messages(dir.path(), &[State::New]).unwrap().is_empty());
+        assert!(list_messages(&dir.path().join("nope"), &[State::New]).is_err());
+    }
+}
