@@ -36,6 +36,14 @@ const STOP_GRACE: Duration = Duration::from_secs(30);
 const READ_BUFFER: usize = 64 * 1024;
 /// The longest a client's host name look-up may take (further bounded by qmqpd_timeout).
 const PEERNAME_LIMIT: Duration = Duration::from_secs(5);
+/// How long a denied client may take to send the rest of its request (the drain), so that
+/// denied clients cannot hold connection slots for long.
+const DENIED_DRAIN_LIMIT: Duration = Duration::from_secs(10);
+/// The per-read and per-write timeout while every connection slot is busy (Postfix shortens
+/// its timeouts under stress the same way), so silent or dribbling clients make room.
+const STRESS_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a waiting read looks again whether the listener came under stress.
+const STRESS_CHECK: Duration = Duration::from_secs(1);
 
 /// What every connection needs: the configuration and what was built from it at start-up.
 pub struct Service {
@@ -48,6 +56,8 @@ pub struct Service {
     pub resolver: Arc<dyn Resolver>,
     /// How long a name look-up may take.
     pub peername_limit: Duration,
+    /// Set by the accept loop while every connection slot is busy.
+    pub stress: AtomicBool,
 }
 
 impl Service {
@@ -69,6 +79,7 @@ impl Service {
             env,
             resolver: Arc::new(SystemResolver),
             peername_limit,
+            stress: AtomicBool::new(false),
         })
     }
 }
@@ -103,28 +114,42 @@ impl Connection {
     }
 }
 
-/// Reads or writes with a per-operation timeout and an overall deadline.
+/// Reads or writes with a per-operation timeout and an overall deadline; the timeout
+/// shrinks to `STRESS_TIMEOUT` while `stress` is set.
 struct Timed<'a> {
     file: &'a File,
     timeout: Duration,
     deadline: Instant,
+    stress: Option<&'a AtomicBool>,
 }
 
 impl Timed<'_> {
+    /// The per-operation timeout in force now.
+    fn timeout(&self) -> Duration {
+        match self.stress {
+            Some(flag) if flag.load(Ordering::Relaxed) => self.timeout.min(STRESS_TIMEOUT),
+            _ => self.timeout,
+        }
+    }
+
     /// Waits until the descriptor is ready; `TimedOut` when a limit passes first.
     fn wait(&self, flags: PollFlags) -> io::Result<()> {
+        let started = Instant::now();
         loop {
-            let left = self.deadline.saturating_duration_since(Instant::now());
-            let wait = left.min(self.timeout);
+            let now = Instant::now();
+            let op_left = (started + self.timeout()).saturating_duration_since(now);
+            let mut wait = op_left.min(self.deadline.saturating_duration_since(now));
             if wait.is_zero() {
                 return Err(io::ErrorKind::TimedOut.into());
+            }
+            if self.stress.is_some() {
+                wait = wait.min(STRESS_CHECK);
             }
             let timeout = PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX);
             let mut fds = [PollFd::new(self.file.as_fd(), flags)];
             match poll(&mut fds, timeout) {
-                Ok(0) => return Err(io::ErrorKind::TimedOut.into()),
+                Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
                 Ok(_) => return Ok(()),
-                Err(nix::errno::Errno::EINTR) => continue,
                 Err(e) => return Err(e.into()),
             }
         }
@@ -175,6 +200,11 @@ pub fn serve_connection(svc: &Service, conn: Connection) -> Outcome {
         client.namaddr(),
         if authorized { "match" } else { "no match" }
     );
+    let deadline = if authorized {
+        deadline
+    } else {
+        deadline.min(Instant::now() + DENIED_DRAIN_LIMIT)
+    };
     let outcome = run_transaction(svc, &conn, &client, authorized, deadline);
     close(&conn, &outcome, deadline);
     log::info!("disconnect from {}", client.namaddr());
@@ -202,11 +232,13 @@ fn run_transaction(
         file: &conn.rd,
         timeout,
         deadline,
+        stress: Some(&svc.stress),
     };
     let mut wr = Timed {
         file: &conn.wr,
         timeout,
         deadline,
+        stress: Some(&svc.stress),
     };
     let mut rdr = BufReader::with_capacity(READ_BUFFER, rd);
     let t = Transaction {
@@ -243,6 +275,7 @@ pub fn refuse(conn: &Connection, reply: &Reply) {
         file: &conn.wr,
         timeout: LINGER,
         deadline,
+        stress: None,
     };
     let end = match wr.write_all(&reply.encode(false)) {
         Ok(()) => End::Replied(reply.clone()),
@@ -267,6 +300,7 @@ fn close(conn: &Connection, outcome: &Outcome, deadline: Instant) {
         file: &conn.rd,
         timeout: LINGER,
         deadline: deadline.min(Instant::now() + LINGER),
+        stress: None,
     };
     let mut buf = [0u8; 8192];
     while let Ok(n) = rd.read(&mut buf) {
@@ -388,7 +422,9 @@ pub fn run_listeners(
     let mut notifier = Notifier::new();
     notifier.ready();
     loop {
-        notifier.tick(served, active.get());
+        let busy_slots = active.get();
+        svc.stress.store(busy_slots >= limit, Ordering::Relaxed);
+        notifier.tick(served, busy_slots);
         if stop.is_stopped() || limits.max_use.is_some_and(|m| served >= m) {
             break;
         }
