@@ -8,8 +8,7 @@
 
 use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
-use std::net::TcpListener;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +21,7 @@ use nix::sys::socket::{Shutdown, shutdown};
 
 use crate::access::{AccessError, MatchList};
 use crate::config::Params;
+use crate::listen::Listener;
 use crate::peer::{self, Client, LaunchEnv, Resolver, SocketPeer, SystemResolver};
 use crate::queue::Queue;
 use crate::reply::{Rejection, Reply};
@@ -405,7 +405,7 @@ impl Drop for Slot {
 /// Accepts connections on `listeners` until stopped; returns how many were served.
 pub fn run_listeners(
     svc: Arc<Service>,
-    listeners: &[TcpListener],
+    listeners: &[Listener],
     limits: Limits,
     stop: &StopSignal,
 ) -> io::Result<u64> {
@@ -465,7 +465,7 @@ pub fn run_listeners(
         drop(fds);
         for (listener, _) in listeners.iter().zip(ready).filter(|(_, r)| *r) {
             let stream = match listener.accept() {
-                Ok((stream, _)) => stream,
+                Ok(stream) => stream,
                 Err(e)
                     if e.kind() == io::ErrorKind::WouldBlock
                         || e.kind() == io::ErrorKind::Interrupted =>
@@ -479,11 +479,9 @@ pub fn run_listeners(
             };
             served += 1;
             idle_since = Instant::now();
-            if let Err(e) = stream.set_nonblocking(false) {
-                log::warn!("cannot make connection blocking: {e}");
-                continue;
-            }
-            let conn = match Connection::socket(OwnedFd::from(stream)) {
+            // On Linux an accepted socket does not inherit the listener's O_NONBLOCK; every
+            // read and write is preceded by poll() anyway.
+            let conn = match Connection::socket(stream) {
                 Ok(conn) => conn,
                 Err(e) => {
                     log::warn!("cannot set up connection: {e}");
@@ -577,14 +575,6 @@ impl Notifier {
             sd_notify::NotifyState::Status(&status),
         ]);
     }
-}
-
-/// True when `fd` is a listening socket (SO_ACCEPTCONN), as systemd's Accept=no passes.
-pub fn is_listening(fd: BorrowedFd<'_>) -> io::Result<bool> {
-    Ok(nix::sys::socket::getsockopt(
-        &fd,
-        nix::sys::socket::sockopt::AcceptConn,
-    )?)
 }
 
 #[cfg(test)]

@@ -4,8 +4,7 @@
 
 use std::ffi::{CString, OsString};
 use std::io::{self, IsTerminal, Write};
-use std::net::TcpListener;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -14,6 +13,7 @@ use anyhow::{Context, anyhow, bail};
 use nix::unistd::{Uid, User};
 
 use qmqpd::config::{self, Config, Source};
+use qmqpd::listen::{self, Incoming, Listener, Passed};
 use qmqpd::logging::{self, LogSetup};
 use qmqpd::peer::LaunchEnv;
 use qmqpd::queue::STALE_TMP_AGE;
@@ -78,19 +78,11 @@ fn parse_args(mut argv: impl Iterator<Item = OsString>) -> anyhow::Result<Args> 
     Ok(args)
 }
 
-/// Where the client connection comes from.
-enum Mode {
-    Stdio,
-    Listen(Vec<TcpListener>),
-    /// A connected socket passed by systemd (Accept=yes without StandardInput=socket).
-    Passed(OwnedFd),
-}
-
 fn run() -> i32 {
     logging::install_panic_hook();
     // The environment is read here, once, before any thread starts.
     let env = LaunchEnv::from_env();
-    let systemd_fds = take_systemd_fds();
+    let systemd_fds = listen::take_systemd_fds();
     let mail_config = std::env::var_os("MAIL_CONFIG")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from);
@@ -98,7 +90,7 @@ fn run() -> i32 {
     let args = match parse_args(std::env::args_os().skip(1)) {
         Ok(args) => args,
         Err(e) => {
-            let waiting = waiting_client(false, &systemd_fds);
+            let waiting = waiting_client(false, systemd_fds.as_deref().unwrap_or(&[]));
             return fail_config(&format!("{e:#}; {USAGE}"), &waiting);
         }
     };
@@ -124,7 +116,10 @@ fn run() -> i32 {
             }
         };
     }
-    let waiting = waiting_client(!args.listen.is_empty(), &systemd_fds);
+    let waiting = waiting_client(
+        !args.listen.is_empty(),
+        systemd_fds.as_deref().unwrap_or(&[]),
+    );
     let cfg = match loaded {
         Ok(cfg) => cfg,
         Err(e) => return fail_config(&e.to_string(), &waiting),
@@ -136,9 +131,9 @@ fn run() -> i32 {
     for warning in &cfg.warnings {
         log::warn!("{warning}");
     }
-    let mode = match choose_mode(&args.listen, systemd_fds) {
+    let mode = match systemd_fds.and_then(|fds| listen::choose(&args.listen, fds)) {
         Ok(mode) => mode,
-        Err(e) => return fail_logged(&format!("{e:#}"), &waiting),
+        Err(e) => return fail_logged(&e, &waiting),
     };
     if let Err(e) = switch_user(&cfg.params.mail_owner) {
         return fail_logged(&format!("{e:#}"), &waiting);
@@ -148,18 +143,18 @@ fn run() -> i32 {
         Err(e) => return fail_logged(&e.to_string(), &waiting),
     };
     match mode {
-        Mode::Stdio => match Connection::stdio() {
+        Incoming::Stdio => match Connection::stdio() {
             Ok(conn) => serve_once(&svc, conn),
             Err(e) => fail_logged(
                 &format!("cannot use the connection on stdin/stdout: {e}"),
                 &Waiting::Nobody,
             ),
         },
-        Mode::Passed(fd) => match Connection::socket(fd) {
+        Incoming::Passed(fd) => match Connection::socket(fd) {
             Ok(conn) => serve_once(&svc, conn),
             Err(e) => fail_logged(&format!("cannot use the passed connection: {e}"), &waiting),
         },
-        Mode::Listen(listeners) => serve_listeners(svc, &listeners, !args.listen.is_empty()),
+        Incoming::Listen(listeners) => serve_listeners(svc, &listeners, !args.listen.is_empty()),
     }
 }
 
@@ -179,7 +174,7 @@ fn exit_status(outcome: &Outcome) -> i32 {
     }
 }
 
-fn serve_listeners(svc: Service, listeners: &[TcpListener], self_bound: bool) -> i32 {
+fn serve_listeners(svc: Service, listeners: &[Listener], self_bound: bool) -> i32 {
     let stop = match StopSignal::install() {
         Ok(stop) => stop,
         Err(e) => {
@@ -199,9 +194,7 @@ fn serve_listeners(svc: Service, listeners: &[TcpListener], self_bound: bool) ->
         process_limit: usize::try_from(params.default_process_limit).unwrap_or(usize::MAX),
     };
     for l in listeners {
-        if let Ok(addr) = l.local_addr() {
-            log::info!("listening on {addr}");
-        }
+        log::info!("listening on {l}");
     }
     match server::run_listeners(Arc::new(svc), listeners, limits, &stop) {
         Ok(served) => {
@@ -223,56 +216,6 @@ fn remove_stale_tmp(svc: &Service) {
             svc.queue.dir().display()
         ),
         Err(e) => log::debug!("cannot scan {}/tmp: {e}", svc.queue.dir().display()),
-    }
-}
-
-/// Sockets passed by systemd (LISTEN_FDS/LISTEN_PID), taken before any thread starts.
-fn take_systemd_fds() -> Vec<OwnedFd> {
-    let mut fds = listenfd::ListenFd::from_env();
-    let mut out = Vec::new();
-    for idx in 0..fds.len() {
-        // take_tcp_listener checks only that this is a TCP socket; whether it listens is
-        // decided later from the socket itself.
-        match fds.take_tcp_listener(idx) {
-            Ok(Some(sock)) => out.push(OwnedFd::from(sock)),
-            Ok(None) => {}
-            Err(e) => log::warn!("passed file descriptor {}: {e}", idx + 3),
-        }
-    }
-    out
-}
-
-fn choose_mode(listen: &[String], systemd_fds: Vec<OwnedFd>) -> anyhow::Result<Mode> {
-    if !listen.is_empty() {
-        let mut listeners = Vec::new();
-        for addr in listen {
-            let sock_addr: std::net::SocketAddr = addr.parse().with_context(|| {
-                format!("--listen {addr}: not an address:port like 127.0.0.1:6280 or [::1]:6280")
-            })?;
-            listeners.push(
-                TcpListener::bind(sock_addr).with_context(|| format!("cannot listen on {addr}"))?,
-            );
-        }
-        return Ok(Mode::Listen(listeners));
-    }
-    if systemd_fds.is_empty() {
-        return Ok(Mode::Stdio);
-    }
-    let mut listeners = Vec::new();
-    let mut connected = Vec::new();
-    for fd in systemd_fds {
-        if server::is_listening(fd.as_fd()).context("cannot inspect a socket passed by systemd")? {
-            listeners.push(TcpListener::from(fd));
-        } else {
-            connected.push(fd);
-        }
-    }
-    match (listeners.is_empty(), connected.len()) {
-        (false, 0) => Ok(Mode::Listen(listeners)),
-        (true, 1) => Ok(Mode::Passed(connected.remove(0))),
-        _ => {
-            bail!("systemd passed a mix of listening and connected sockets, or several connections")
-        }
     }
 }
 
@@ -323,11 +266,13 @@ enum Waiting {
     Nobody,
 }
 
-fn waiting_client(listen: bool, systemd_fds: &[OwnedFd]) -> Waiting {
+fn waiting_client(listen: bool, systemd_fds: &[Passed]) -> Waiting {
     let conn = match systemd_fds {
         _ if listen => return Waiting::Nobody,
         [] => Connection::stdio(),
-        [fd] if matches!(server::is_listening(fd.as_fd()), Ok(false)) => {
+        [Passed::Tcp(fd) | Passed::Unix(fd)]
+            if matches!(listen::is_listening(fd.as_fd()), Ok(false)) =>
+        {
             fd.try_clone().and_then(Connection::socket)
         }
         _ => return Waiting::Nobody,
