@@ -667,6 +667,10 @@ impl Deliverer {
             Ok(envelope) => envelope,
             Err(e) => return self.unreadable(claim, &e),
         };
+        if envelope.recipients.is_empty() {
+            let e = io::Error::new(io::ErrorKind::InvalidData, "no recipients");
+            return self.unreadable(claim, &e);
+        }
         log::info!(
             "{}: from=<{}>, size={}, nrcpt={} (queue active)",
             claim.queue_id,
@@ -945,6 +949,14 @@ impl Deliverer {
         if sender.contains(&0) || rcpts.iter().any(|r| r.contains(&0)) {
             return Verdict::new(Status::Bounced, "address holds a NUL byte");
         }
+        // Opened before the command starts: a command must never see an empty or cut
+        // message because the queue file could not be read.
+        let mut message = match open_message(&claim.path, envelope) {
+            Ok(message) => message,
+            Err(e) => {
+                return Verdict::new(Status::Deferred, format!("cannot read queue file: {e}"));
+            }
+        };
         let (out_rdr, out_wtr) = match io::pipe().and_then(|(r, w)| Ok((r, w.try_clone()?, w))) {
             Ok((r, w1, w2)) => (r, (w1, w2)),
             Err(e) => return Verdict::new(Status::Deferred, format!("cannot create a pipe: {e}")),
@@ -981,13 +993,21 @@ impl Deliverer {
         let pid = child.id();
         // The message goes in from a thread of its own, so a command that writes much
         // output before reading its input cannot deadlock with us.
+        let (fed_tx, fed_rx) = mpsc::channel::<io::Result<()>>();
         if let Some(mut stdin) = child.stdin.take() {
-            let message = open_message(&claim.path, envelope);
+            let want = envelope.message_len;
             std::thread::spawn(move || {
-                if let Ok(mut message) = message {
-                    // A command may exit without reading everything; its exit status decides.
-                    let _ = io::copy(&mut message, &mut stdin);
-                }
+                let fed = io::copy(&mut message, &mut stdin).and_then(|n| {
+                    if n == want {
+                        Ok(())
+                    } else {
+                        Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("queue file ended after {n} of {want} message bytes"),
+                        ))
+                    }
+                });
+                let _ = fed_tx.send(fed);
             });
         }
         let output = Arc::new(Mutex::new(Vec::new()));
@@ -1010,11 +1030,22 @@ impl Deliverer {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         let output = clean_output(&raw);
+        // A command may exit without reading all its input (its exit status decides then),
+        // but a message we could not read whole is never reported as delivered.
+        let fed = fed_rx.recv_timeout(OUTPUT_GRACE).unwrap_or(Ok(()));
         match status {
             _ if timed_out => Verdict::new(
                 Status::Deferred,
                 format!("command timed out after {}s", self.opts.timeout.as_secs()),
             ),
+            Ok(_)
+                if fed
+                    .as_ref()
+                    .is_err_and(|e| e.kind() != io::ErrorKind::BrokenPipe) =>
+            {
+                let e = fed.err().map(|e| e.to_string()).unwrap_or_default();
+                Verdict::new(Status::Deferred, format!("cannot read queue file: {e}"))
+            }
             Ok(status) => classify_exit(status, &output),
             Err(e) => Verdict::new(
                 Status::Deferred,
@@ -1320,6 +1351,94 @@ mod tests {
         assert!(find_message(dir.path(), "C.h").unwrap().is_some());
         assert!(find_message(dir.path(), "../new/B.h").unwrap().is_none());
         assert!(find_message(dir.path(), "D").unwrap().is_none());
+    }
+
+    /// A deliverer whose command always succeeds, over a fresh queue.
+    fn deliverer(dir: &Path, stale_time: Duration) -> Deliverer {
+        let mut opts = Options::new(Target::Exec("cat >/dev/null".into()));
+        opts.stale_time = stale_time;
+        Deliverer::new(dir, opts).unwrap()
+    }
+
+    fn queue_file(recipients: &[&[u8]]) -> Vec<u8> {
+        let mut bytes = netstring::encode(b"qmqpd-queue 1\nqueue_id=A\n");
+        bytes.extend(netstring::encode(b"message\n"));
+        bytes.extend(netstring::encode(b"s@example.org"));
+        for rcpt in recipients {
+            bytes.extend(netstring::encode(rcpt));
+        }
+        bytes
+    }
+
+    #[test]
+    fn deliver_pass_moves_corrupt_and_empty_files_to_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = deliverer(dir.path(), DEFAULT_STALE_TIME);
+        fs::write(dir.path().join("new/A.h"), b"12:not a netstring").unwrap();
+        fs::write(dir.path().join("new/B.h"), queue_file(&[])).unwrap();
+        fs::write(dir.path().join("new/C.h"), queue_file(&[b"r@example.net"])).unwrap();
+        let pass = d.deliver_pass(true, &AtomicBool::new(false)).unwrap();
+        assert_eq!(pass.claimed, 3);
+        let failed = list_messages(dir.path(), &[State::Failed]).unwrap();
+        let ids: Vec<&str> = failed.iter().map(|m| m.queue_id.as_str()).collect();
+        assert_eq!(ids, ["A", "B"]);
+        assert!(
+            failure_reason(&failed[1])
+                .unwrap()
+                .contains("no recipients")
+        );
+        assert!(
+            list_messages(dir.path(), &[State::New, State::Cur])
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn deliver_pass_skips_messages_not_yet_due_unless_flushing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = deliverer(dir.path(), DEFAULT_STALE_TIME);
+        let path = dir.path().join("new/A.h");
+        fs::write(&path, queue_file(&[b"r@example.net"])).unwrap();
+        let later = SystemTime::now() + Duration::from_secs(600);
+        File::open(&path).unwrap().set_modified(later).unwrap();
+        let stop = AtomicBool::new(false);
+        assert_eq!(d.deliver_pass(true, &stop).unwrap().claimed, 0);
+        d.opts.flush = true;
+        assert_eq!(d.deliver_pass(true, &stop).unwrap().claimed, 1);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn deliver_pass_stops_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = deliverer(dir.path(), DEFAULT_STALE_TIME);
+        fs::write(dir.path().join("new/A.h"), queue_file(&[b"r@example.net"])).unwrap();
+        assert_eq!(
+            d.deliver_pass(true, &AtomicBool::new(true))
+                .unwrap()
+                .claimed,
+            0
+        );
+    }
+
+    #[test]
+    fn take_back_stale_moves_only_old_claims() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = deliverer(dir.path(), Duration::from_secs(3600));
+        fs::write(dir.path().join("cur/OLD.h"), b"x").unwrap();
+        fs::write(dir.path().join("cur/FRESH.h"), b"x").unwrap();
+        let old = SystemTime::now() - Duration::from_secs(7200);
+        File::open(dir.path().join("cur/OLD.h"))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        assert_eq!(d.take_back_stale(SystemTime::now()).unwrap(), 1);
+        assert!(dir.path().join("new/OLD.h").exists());
+        assert!(dir.path().join("cur/FRESH.h").exists());
+        let all = deliverer(dir.path(), Duration::ZERO);
+        assert_eq!(all.take_back_stale(SystemTime::now()).unwrap(), 1);
+        assert!(dir.path().join("new/FRESH.h").exists());
     }
 
     #[test]
