@@ -627,7 +627,12 @@ impl Deliverer {
         ignore_due: bool,
         now: SystemTime,
     ) -> Result<Option<Claim>, QueueError> {
-        let file = match File::open(&message.path) {
+        // Not through a symbolic link: only qmqpd's own files are delivered.
+        let opened = OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&message.path);
+        let file = match opened {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => {
@@ -935,7 +940,8 @@ impl Deliverer {
     }
 
     /// `/bin/sh -c COMMAND qmqp-queue RCPT...` with the message on stdin and `SENDER`,
-    /// `QUEUE_ID` (and `RECIPIENT` for one recipient) in the environment; its stdout and
+    /// `QUEUE_ID` (and `RECIPIENT` for one recipient) in the environment, `MAIL_CONFIG`
+    /// removed from it; its stdout and
     /// stderr are kept for the reason. In its own process group, so a timeout can end it
     /// with everything it started.
     fn run_command(
@@ -968,6 +974,8 @@ impl Deliverer {
             .args(rcpts.iter().map(|r| OsStr::from_bytes(r)))
             .env("SENDER", OsStr::from_bytes(sender))
             .env("QUEUE_ID", &claim.queue_id)
+            // Ours names qmqpd's configuration; Postfix's sendmail would read it as its own.
+            .env_remove("MAIL_CONFIG")
             .stdin(Stdio::piped())
             .stdout(Stdio::from(out_wtr.0))
             .stderr(Stdio::from(out_wtr.1))

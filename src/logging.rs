@@ -33,9 +33,11 @@ const SYSLOG_SOCKETS: [&str; 3] = ["/dev/log", "/var/run/syslog", "/var/run/log"
 /// How and where to log; built by the program from its configuration and command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogSetup {
+    /// The program's name in the tag: "qmqpd" or "qmqp-queue".
+    pub program: &'static str,
     /// `syslog_facility`, e.g. "mail" (already validated).
     pub syslog_facility: String,
-    /// `syslog_name`: the tag is "{syslog_name}/qmqpd", or "qmqpd" when empty.
+    /// `syslog_name`: the tag is "{syslog_name}/{program}", or the program alone when empty.
     pub syslog_name: String,
     /// `maillog_file`: when non-empty, append lines to this file instead of syslog.
     pub maillog_file: String,
@@ -49,6 +51,7 @@ impl Default for LogSetup {
     /// Postfix's defaults: facility mail, tag "qmqpd", syslog, level Info, stderr not trusted.
     fn default() -> Self {
         LogSetup {
+            program: "qmqpd",
             syslog_facility: "mail".to_string(),
             syslog_name: String::new(),
             maillog_file: String::new(),
@@ -122,7 +125,7 @@ impl Backend {
                 sanitize(setup.syslog_facility.as_bytes())
             )
         })?;
-        let tag = tag_for(&setup.syslog_name);
+        let tag = tag_for(&setup.syslog_name, setup.program);
         let pid = std::process::id();
         let sink = if !setup.maillog_file.is_empty() {
             let file = OpenOptions::new()
@@ -282,12 +285,13 @@ fn write_severity(writer: &mut SyslogWriter, level: Level, text: &str) -> syslog
     }
 }
 
-/// The syslog tag: "{syslog_name}/qmqpd", or "qmqpd" when `syslog_name` is empty.
-fn tag_for(syslog_name: &str) -> String {
+/// The syslog tag: "{syslog_name}/{program}", or the program alone when `syslog_name` is
+/// empty (Postfix's "postfix/qmqpd").
+fn tag_for(syslog_name: &str, program: &str) -> String {
     if syslog_name.is_empty() {
-        "qmqpd".to_string()
+        program.to_string()
     } else {
-        format!("{}/qmqpd", sanitize(syslog_name.as_bytes()))
+        format!("{}/{program}", sanitize(syslog_name.as_bytes()))
     }
 }
 
@@ -579,8 +583,9 @@ mod tests {
 
     #[test]
     fn tag_for_uses_syslog_name() {
-        assert_eq!(tag_for(""), "qmqpd");
-        assert_eq!(tag_for("postfix-out"), "postfix-out/qmqpd");
+        assert_eq!(tag_for("", "qmqpd"), "qmqpd");
+        assert_eq!(tag_for("postfix-out", "qmqpd"), "postfix-out/qmqpd");
+        assert_eq!(tag_for("", "qmqp-queue"), "qmqp-queue");
     }
 
     #[test]

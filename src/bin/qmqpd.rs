@@ -226,6 +226,7 @@ fn init_logging(cfg: &Config, verbose: u32) -> anyhow::Result<()> {
         _ => log::LevelFilter::Trace,
     };
     logging::init(&LogSetup {
+        program: "qmqpd",
         syslog_facility: cfg.params.syslog_facility.clone(),
         syslog_name: cfg.params.syslog_name.clone(),
         maillog_file: cfg.params.maillog_file.clone(),
@@ -285,6 +286,7 @@ fn waiting_client(listen: bool, systemd_fds: &[Passed]) -> Waiting {
 fn fail_config(msg: &str, waiting: &Waiting) -> i32 {
     let defaults = config::Params::default();
     let setup = LogSetup {
+        program: "qmqpd",
         syslog_facility: defaults.syslog_facility,
         syslog_name: defaults.syslog_name,
         maillog_file: String::new(),
