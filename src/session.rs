@@ -79,7 +79,7 @@ pub fn serve<R: BufRead, W: Write>(rdr: &mut R, wtr: &mut W, t: &Transaction<'_>
     let request_read = stop.is_none();
     let reply = match stop {
         Some(Stop::Lost { at, timeout }) => {
-            s.drop_file();
+            s.file = None;
             let reason = if timeout {
                 "read timeout"
             } else {
@@ -140,29 +140,19 @@ impl<'a> Session<'a> {
         self.queue_id.as_deref().unwrap_or("NOQUEUE")
     }
 
-    /// Records the first rejection; later ones do not change the reply. The queue file goes.
+    /// Records the first rejection; later ones do not change the reply. The queue file goes
+    /// (removing itself from `tmp/`), so from here on `file` is None and bytes are discarded.
     fn reject(&mut self, why: Rejection) {
         if self.rejection.is_none() {
             self.rejection = Some(why);
         }
-        self.drop_file();
-    }
-
-    fn drop_file(&mut self) {
         self.file = None;
     }
 
-    /// Where accepted bytes go: the queue file, or nowhere once the request is rejected.
-    fn sink(&mut self) -> Sink<'_> {
-        match &mut self.file {
-            Some(file) if self.rejection.is_none() => Sink::File(file),
-            _ => Sink::Discard,
-        }
-    }
-
-    /// Writes to the queue file; a failure rejects the request with a write error.
+    /// Writes to the queue file, if the request is still accepted; a failure rejects the
+    /// request with a write error.
     fn store(&mut self, bytes: &[u8]) {
-        if let Sink::File(file) = self.sink()
+        if let Some(file) = &mut self.file
             && let Err(e) = file.write_all(bytes)
         {
             self.write_failed(&e);
@@ -278,14 +268,10 @@ impl<'a> Session<'a> {
             if first.is_none() {
                 first = chunk.first().copied();
             }
-            if let Some(rw) = &mut rewriter {
-                let result = match &mut self.file {
-                    Some(file) if self.rejection.is_none() => rw.push(chunk, file),
-                    _ => Ok(()),
-                };
-                if let Err(e) = result {
+            if let (Some(rw), Some(file)) = (&mut rewriter, &mut self.file) {
+                if let Err(e) = rw.push(chunk, file) {
                     self.write_failed(&e);
-                } else if rw.hops() >= hopcount_limit && self.rejection.is_none() {
+                } else if rw.hops() >= hopcount_limit {
                     self.reject(Rejection::TooManyHops);
                 }
             }
@@ -295,7 +281,6 @@ impl<'a> Session<'a> {
         netstring::read_comma(rdr).map_err(|e| stop(e, at, Rejection::Format(at)))?;
         if let Some(mut rw) = rewriter {
             if let Some(file) = &mut self.file
-                && self.rejection.is_none()
                 && let Err(e) = rw.finish(file)
             {
                 self.write_failed(&e);
@@ -433,12 +418,6 @@ impl<'a> Session<'a> {
             }
         }
     }
-}
-
-/// Where accepted bytes go.
-enum Sink<'f> {
-    File(&'f mut QueueFile),
-    Discard,
 }
 
 /// Maps a codec error at `at` to a stop: connection problems end the transaction, format
