@@ -5,77 +5,21 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use common::{QueueFile, TestQueue, describe, request};
+use common::{QueueFile, Server, TestQueue, describe, request};
 use qmqpd::client::{self, Status};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-/// A qmqpd we start ourselves when the test needs its pid; killed and reaped on drop.
-struct Listener {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Listener {
-    /// Starts `qmqpd --listen 127.0.0.1:PORT`; retries with another port when the child
-    /// exits early (another test may have taken the port between probe and bind).
-    fn start(q: &TestQueue, extra: &[&str]) -> Listener {
-        for _attempt in 0..5 {
-            let addr = SocketAddr::from(([127, 0, 0, 1], common::free_port()));
-            let child = Command::new(common::qmqpd_bin())
-                .arg("--listen")
-                .arg(addr.to_string())
-                .args(q.args())
-                .args(extra)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap();
-            let mut l = Listener { child, addr };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if q.log_text().contains(&format!("listening on {addr}")) {
-                    return l;
-                }
-                if l.child.try_wait().unwrap().is_some() {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "qmqpd did not start: {}",
-                    q.log_text()
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        panic!("qmqpd exited before listening, 5 times: {}", q.log_text());
-    }
-
-    /// Peak resident memory of the server process, in KiB (VmHWM, read while it runs).
-    fn peak_rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-        line.split_whitespace().nth(1).unwrap().parse().unwrap()
-    }
-
-    fn connect(&self) -> TcpStream {
-        let s = TcpStream::connect(self.addr).unwrap();
-        s.set_read_timeout(Some(LIMIT)).unwrap();
-        s.set_write_timeout(Some(LIMIT)).unwrap();
-        s
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Peak resident memory of a running process, in KiB (VmHWM from /proc/PID/status).
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
 /// A message body generated on the fly, so the test does not hold it either.
@@ -99,7 +43,7 @@ impl Read for Generated {
 #[test]
 fn listen_peak_memory_stays_small_for_10mb_message_and_10000_recipients() {
     let q = TestQueue::new();
-    let srv = Listener::start(&q, &[]);
+    let srv = Server::start(&q, &[]);
     let size: u64 = 10 * 1000 * 1000;
     let mut stream = srv.connect();
     let reply = client::send(
@@ -125,7 +69,7 @@ fn listen_peak_memory_stays_small_for_10mb_message_and_10000_recipients() {
     )
     .unwrap();
     assert_eq!(reply.status, Status::Ok, "{reply:?}");
-    let peak = srv.peak_rss_kib();
+    let peak = peak_rss_kib(srv.pid());
     assert!(peak < 8 * 1024, "peak RSS {peak} KiB is not under 8 MiB");
     let files = q.files("new");
     assert_eq!(files.len(), 2);
@@ -144,7 +88,7 @@ fn listen_peak_memory_stays_small_for_10mb_message_and_10000_recipients() {
 #[test]
 fn listen_denied_client_reads_d_after_3mb_request() {
     let q = TestQueue::new();
-    let srv = Listener::start(&q, &["-o", "qmqpd_authorized_clients=192.0.2.1"]);
+    let srv = Server::start(&q, &["-o", "qmqpd_authorized_clients=192.0.2.1"]);
     let size = 3 * 1024 * 1024;
     let mut stream = srv.connect();
     let reply = client::send(
@@ -166,7 +110,7 @@ fn listen_denied_client_reads_d_after_3mb_request() {
 #[test]
 fn listen_undrainable_request_still_gets_its_reply() {
     let q = TestQueue::new();
-    let srv = Listener::start(&q, &["-o", "message_size_limit=1000"]);
+    let srv = Server::start(&q, &["-o", "message_size_limit=1000"]);
     let mut stream = srv.connect();
     // Declares 100 kB (more than 4 x the limit) and sends some of it: qmqpd answers at once.
     stream.write_all(b"100000:99990:").unwrap();
@@ -179,15 +123,15 @@ fn listen_undrainable_request_still_gets_its_reply() {
 #[test]
 fn listen_stops_on_sigterm_and_exits_0() {
     let q = TestQueue::new();
-    let mut srv = Listener::start(&q, &[]);
+    let mut srv = Server::start(&q, &[]);
     let reply = client::send(&mut srv.connect(), &mut &b"x"[..], 1, b"s@x", &[b"r@x"]).unwrap();
     assert_eq!(reply.status, Status::Ok);
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(srv.child.id()).unwrap()),
+        nix::unistd::Pid::from_raw(i32::try_from(srv.pid()).unwrap()),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let status = common::wait_bounded(&mut srv.child, LIMIT).expect("qmqpd exits after SIGTERM");
+    let status = srv.wait(LIMIT).expect("qmqpd exits after SIGTERM");
     assert_eq!(status.code(), Some(0));
     assert!(
         q.log_text().contains("served 1 connections: exiting"),

@@ -4,11 +4,11 @@
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::process::{Command, Output};
+use std::time::Duration;
 
-use common::{QueueFile, TestQueue, describe, request, run_bounded};
+use common::{QueueFile, Server, TestQueue, describe, request, run_bounded};
 use qmqpd::client::{self, Status};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -181,54 +181,6 @@ fn debug_peer_list_raises_log_level_for_matching_clients_only() {
 
 /// Starts `qmqpd --listen ADDR` on a free port of `ip`; None (with the reason) when this
 /// machine has no such loopback address.
-/// A child process killed and reaped when dropped, even when the test fails.
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn listen_on(q: &TestQueue, ip: &str) -> Option<(Reaped, u16)> {
-    for _attempt in 0..5 {
-        let probe = match TcpListener::bind(format!("{ip}:0")) {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("skipped: cannot bind {ip}: {e}");
-                return None;
-            }
-        };
-        let port = probe.local_addr().unwrap().port();
-        drop(probe);
-        let mut child = Reaped(
-            Command::new(common::qmqpd_bin())
-                .arg("--listen")
-                .arg(format!("{ip}:{port}"))
-                .args(q.args())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        // Retry with another port when another test took this one first.
-        while child.0.try_wait().unwrap().is_none() {
-            if q.log_text().contains(&format!("listening on {ip}:{port}")) {
-                return Some((child, port));
-            }
-            assert!(
-                Instant::now() < deadline,
-                "qmqpd did not start: {}",
-                q.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    panic!("qmqpd exited before listening, 5 times: {}", q.log_text());
-}
-
 fn send_to(addr: SocketAddr) -> client::Reply {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(LIMIT)).unwrap();
@@ -238,11 +190,11 @@ fn send_to(addr: SocketAddr) -> client::Reply {
 #[test]
 fn ipv6_client_through_listen_is_logged_and_stamped_as_ipv6() {
     let q = TestQueue::new();
-    let Some((child, port)) = listen_on(&q, "[::1]") else {
+    let Some(server) = Server::start_at(&q, Ipv6Addr::LOCALHOST.into(), &[]) else {
         return;
     };
-    let reply = send_to(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)));
-    drop(child);
+    let reply = send_to(server.addr);
+    drop(server);
     assert_eq!(reply.status, Status::Ok, "{reply:?}");
     assert!(
         q.log_text().contains("connect from unknown[::1]"),
@@ -262,11 +214,12 @@ fn ipv4_client_of_a_dual_stack_socket_is_logged_as_ipv4() {
     let q = TestQueue::new();
     // An IPv6 socket bound to the IPv4-mapped loopback address: IPv4 clients arrive as
     // ::ffff:127.0.0.1, as on a dual-stack listener, without listening beyond loopback.
-    let Some((child, port)) = listen_on(&q, "[::ffff:127.0.0.1]") else {
+    let mapped = Ipv4Addr::LOCALHOST.to_ipv6_mapped();
+    let Some(server) = Server::start_at(&q, mapped.into(), &[]) else {
         return;
     };
-    let reply = send_to(SocketAddr::from(([127, 0, 0, 1], port)));
-    drop(child);
+    let reply = send_to(SocketAddr::from(([127, 0, 0, 1], server.addr.port())));
+    drop(server);
     assert_eq!(reply.status, Status::Ok, "{reply:?}");
     let log = q.log_text();
     assert!(log.contains("connect from unknown[127.0.0.1]"), "{log}");

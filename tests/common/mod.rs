@@ -7,7 +7,7 @@
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -197,45 +197,34 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// True when something listens on `addr` (an IPv4 loopback address), checked in
-/// /proc/net/tcp so no probe connection reaches the server and its log; falls back to a
-/// connection when /proc is not readable.
-fn is_listening(addr: SocketAddr) -> bool {
-    const TCP_LISTEN: &str = "0A";
-    let SocketAddr::V4(v4) = addr else {
-        return TcpStream::connect_timeout(&addr, POLL).is_ok();
-    };
-    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
-        return TcpStream::connect_timeout(&addr, POLL).is_ok();
-    };
-    // /proc/net/tcp prints the address as the in-memory (network order) u32, in hex.
-    let want = format!(
-        "{:08X}:{:04X}",
-        u32::from_ne_bytes(v4.ip().octets()),
-        v4.port()
-    );
-    table.lines().skip(1).any(|line| {
-        let mut fields = line.split_whitespace();
-        let local = fields.nth(1);
-        let state = fields.nth(1);
-        local == Some(want.as_str()) && state == Some(TCP_LISTEN)
-    })
-}
-
-/// A qmqpd in --listen mode on 127.0.0.1:<free port>; Drop kills and reaps it.
+/// A qmqpd in --listen mode on a free loopback port; Drop kills and reaps it.
 pub struct Server {
     pub addr: SocketAddr,
     child: Child,
 }
 
 impl Server {
-    /// Start `qmqpd --listen 127.0.0.1:PORT <q.args()> <extra>` and wait (at most 10 s,
-    /// polling every 20 ms) until it listens. Retries with a new port up to 5 times if the
-    /// child exits early (another process may have taken the port).
+    /// Start `qmqpd --listen 127.0.0.1:PORT <q.args()> <extra>`: see `start_at`.
     pub fn start(q: &TestQueue, extra: &[&str]) -> Server {
+        Server::start_at(q, IpAddr::from([127, 0, 0, 1]), extra).expect("127.0.0.1 is always there")
+    }
+
+    /// Start `qmqpd --listen [IP]:PORT <q.args()> <extra>` on a free port of `ip` (a loopback
+    /// address) and wait (at most 10 s, polling every 20 ms) until its log says it listens.
+    /// Retries with a new port up to 5 times if the child exits early (another process may
+    /// have taken the port). None, with the reason on stderr, when this machine cannot bind
+    /// `ip` at all (no IPv6 loopback).
+    pub fn start_at(q: &TestQueue, ip: IpAddr, extra: &[&str]) -> Option<Server> {
         let mut last_exit = None;
         for _attempt in 0..5 {
-            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let addr = match TcpListener::bind(SocketAddr::new(ip, 0)).and_then(|l| l.local_addr())
+            {
+                Ok(addr) => addr,
+                Err(e) => {
+                    eprintln!("skipped: cannot bind {ip}: {e}");
+                    return None;
+                }
+            };
             let mut child = Command::new(qmqpd_bin())
                 .arg("--listen")
                 .arg(addr.to_string())
@@ -245,14 +234,16 @@ impl Server {
                 .stdout(Stdio::null())
                 .spawn()
                 .expect("cannot start qmqpd");
+            let ready = format!("listening on {addr}");
             let deadline = Instant::now() + START_LIMIT;
             loop {
                 if let Some(status) = child.try_wait().expect("cannot wait for qmqpd") {
                     last_exit = Some(status);
                     break;
                 }
-                if is_listening(addr) {
-                    return Server { addr, child };
+                // The log line, not a probe connection, so the server's log stays clean.
+                if q.log_text().contains(&ready) {
+                    return Some(Server { addr, child });
                 }
                 if Instant::now() > deadline {
                     let _ = child.kill();
@@ -269,6 +260,16 @@ impl Server {
             "qmqpd exited before listening, 5 times (last: {last_exit:?}); log:\n{}",
             q.log_text()
         );
+    }
+
+    /// The server's process ID (for /proc/PID/status and signals).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits at most `limit` for the server to exit by itself.
+    pub fn wait(&mut self, limit: Duration) -> Option<ExitStatus> {
+        wait_bounded(&mut self.child, limit)
     }
 
     /// "127.0.0.1:PORT", for clients' command lines.
