@@ -264,6 +264,9 @@ const PROCESS_NAME: &str = "qmqpd";
 
 /// Postfix's limit on nested macro evaluation.
 const MAX_NESTING: usize = 100;
+/// The longest expanded value: a few lines of `$name` references can otherwise double their
+/// way to gigabytes.
+const MAX_EXPANDED: usize = 1 << 20;
 
 /// Postfix's largest time value (conv_time keeps seconds in an int).
 const MAX_TIME_SECS: u64 = i32::MAX as u64;
@@ -519,6 +522,10 @@ fn split_nameval(text: &str) -> Result<(&str, &str), &'static str> {
         .trim_start_matches(is_space)
         .strip_prefix('=')
         .ok_or("missing '=' after attribute name")?;
+    // Only names that `$name` can refer to, so `qmqpd -n` output always reads back.
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err("attribute name holds characters other than letters, digits and '_'");
+    }
     Ok((name, value.trim_matches(is_space)))
 }
 
@@ -675,6 +682,16 @@ enum ExpandError {
     Loop(String),
 }
 
+/// Stops an expansion that grows past `MAX_EXPANDED`.
+fn check_expanded_len(out: &str) -> Result<(), ExpandError> {
+    if out.len() > MAX_EXPANDED {
+        return Err(ExpandError::Syntax(format!(
+            "expanded value is longer than {MAX_EXPANDED} bytes"
+        )));
+    }
+    Ok(())
+}
+
 /// Looks up and expands parameter values: explicit settings, then defaults, then the
 /// read-only parameters.
 struct Resolver<'a> {
@@ -779,10 +796,11 @@ impl Resolver<'_> {
             }
             let (expression, tail) = split_reference(after, text)?;
             self.expand_expression(expression, out, stack, depth)?;
+            check_expanded_len(out)?;
             rest = tail;
         }
         out.push_str(rest);
-        Ok(())
+        check_expanded_len(out)
     }
 
     /// Expand the inside of `$name`, `${...}` or `$(...)`.
@@ -1525,6 +1543,40 @@ mod tests {
         assert!(error("mail_name = ${a?{b}:{c}d}\n").contains("unexpected input"));
         assert!(error("mail_name = ${a?{b}\n").contains("truncated macro reference"));
         assert!(error("mail_name = ${{a} == {b}?x}\n").contains("not supported"));
+    }
+
+    #[test]
+    fn expand_bounds_expanded_size() {
+        let mut text = String::from("a = xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\n");
+        for i in 0..30 {
+            let prev = if i == 0 {
+                "a".to_owned()
+            } else {
+                format!("b{}", i - 1)
+            };
+            text.push_str(&format!("b{i} = ${prev}${prev}\n"));
+        }
+        text.push_str("mail_name = $b29\n");
+        let entries = parse(text.as_bytes(), "main.cf").unwrap();
+        let err = build(
+            &entries,
+            "main.cf",
+            &[],
+            PathBuf::from("/etc/qmqpd"),
+            Vec::new(),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("expanded value is longer than"), "{err}");
+    }
+
+    #[test]
+    fn parse_rejects_names_that_expansion_cannot_reach() {
+        assert!(split_override("#x=1").is_err());
+        assert!(split_override("a-b=1").is_err());
+        assert!(split_override("good_name2=1").is_ok());
+        assert!(parse(&b"a.b = 1\n"[..], "main.cf").is_err());
     }
 
     #[test]
