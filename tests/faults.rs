@@ -11,10 +11,10 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{QueueFile, TestQueue, describe, request, run_bounded};
+use common::{QueueFile, Server, TestQueue, describe, request, run_bounded};
 
 /// A safety net for every child and every wait: never expected to fire.
 const LIMIT: Duration = Duration::from_secs(60);
@@ -132,39 +132,17 @@ impl Rng {
 
 /// A qmqpd --listen we start ourselves, to kill it or read /proc; killed on drop.
 struct Listener {
-    child: Child,
+    server: Server,
     addr: SocketAddr,
 }
 
 impl Listener {
-    /// Starts `qmqpd --listen 127.0.0.1:PORT` and waits until its log says it listens;
-    /// retries with another port when the child exits early (the port was taken).
     fn start(q: &TestQueue, extra: &[&str]) -> Listener {
-        for _attempt in 0..5 {
-            let addr = SocketAddr::from(([127, 0, 0, 1], common::free_port()));
-            let child = Command::new(common::qmqpd_bin())
-                .arg("--listen")
-                .arg(addr.to_string())
-                .args(q.args())
-                .args(extra)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap();
-            let mut listener = Listener { child, addr };
-            let deadline = Instant::now() + LIMIT;
-            loop {
-                if q.log_text().contains(&format!("listening on {addr}")) {
-                    return listener;
-                }
-                if listener.child.try_wait().unwrap().is_some() {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "no listener: {}", q.log_text());
-                std::thread::sleep(POLL);
-            }
+        let server = Server::start(q, extra);
+        Listener {
+            addr: server.addr,
+            server,
         }
-        panic!("qmqpd exited before listening, 5 times: {}", q.log_text());
     }
 
     fn connect(&self) -> TcpStream {
@@ -188,15 +166,7 @@ impl Listener {
 
     /// SIGKILL, then reap.
     fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.server.kill();
     }
 }
 

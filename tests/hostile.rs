@@ -7,14 +7,14 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::os::fd::OwnedFd;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{QueueFile, TestQueue, describe, request, run_bounded};
+use common::{QueueFile, Server, TestQueue, describe, request, run_bounded};
 
 /// A safety net for every child and every wait: never expected to fire.
 const LIMIT: Duration = Duration::from_secs(60);
@@ -24,43 +24,22 @@ const MESSAGE: &[u8] = b"From: a@example.org\nSubject: hostile test\n\nbody\n";
 
 /// A qmqpd --listen we start ourselves, to read /proc or listen on any address.
 struct Listener {
-    child: Child,
+    server: Server,
     addr: SocketAddr,
 }
 
 impl Listener {
-    /// `qmqpd --listen IP:PORT` on a free port of `ip`; waits until the log says it listens.
-    fn start_on(q: &TestQueue, ip: &str, extra: &[&str]) -> Listener {
-        for _attempt in 0..5 {
-            let port = common::free_port();
-            let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
-            let child = Command::new(common::qmqpd_bin())
-                .arg("--listen")
-                .arg(addr.to_string())
-                .args(q.args())
-                .args(extra)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap();
-            let mut listener = Listener { child, addr };
-            let deadline = Instant::now() + LIMIT;
-            loop {
-                if q.log_text().contains(&format!("listening on {addr}")) {
-                    return listener;
-                }
-                if listener.child.try_wait().unwrap().is_some() {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "no listener: {}", q.log_text());
-                std::thread::sleep(POLL);
-            }
+    /// `qmqpd --listen IP:PORT` on a free port of `ip` (a loopback address).
+    fn start_on(q: &TestQueue, ip: IpAddr, extra: &[&str]) -> Listener {
+        let server = Server::start_at(q, ip, extra).expect("the loopback address is there");
+        Listener {
+            addr: server.addr,
+            server,
         }
-        panic!("qmqpd exited before listening, 5 times: {}", q.log_text());
     }
 
     fn start(q: &TestQueue, extra: &[&str]) -> Listener {
-        Listener::start_on(q, "127.0.0.1", extra)
+        Listener::start_on(q, IpAddr::from([127, 0, 0, 1]), extra)
     }
 
     /// A connection from `from` (a loopback address), with the tests' safety timeouts.
@@ -117,23 +96,17 @@ impl Listener {
 
     /// Entries of /proc/PID/<what> ("fd", "task").
     fn count(&self, what: &str) -> usize {
-        std::fs::read_dir(format!("/proc/{}/{what}", self.child.id()))
+        std::fs::read_dir(format!("/proc/{}/{what}", self.server.pid()))
             .unwrap()
             .count()
     }
 
     /// A field of /proc/PID/status in KiB (VmRSS, VmHWM).
     fn status_kib(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.server.pid())).unwrap();
         let line = status.lines().find(|l| l.starts_with(field)).unwrap();
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -602,7 +575,11 @@ fn ipv4_mapped_clients_neither_bypass_nor_miss_ipv4_rules() {
     for (list, want) in cases {
         let q = TestQueue::new();
         let arg = format!("qmqpd_authorized_clients={list}");
-        let server = Listener::start_on(&q, "[::ffff:127.0.0.1]", &["-o", &arg]);
+        let server = Listener::start_on(
+            &q,
+            Ipv4Addr::LOCALHOST.to_ipv6_mapped().into(),
+            &["-o", &arg],
+        );
         let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, server.addr.port())).unwrap();
         stream.set_read_timeout(Some(LIMIT)).unwrap();
         let reply = Listener::exchange_on(stream, &request(MESSAGE, b"s@x", &[b"r@x"]));

@@ -9,11 +9,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{QueueFile, TestQueue, request};
+use common::{QueueFile, Server, TestQueue, request};
 
 /// Concurrent clients.
 const CLIENTS: usize = 50;
@@ -27,57 +26,32 @@ const POLL: Duration = Duration::from_millis(20);
 
 /// A qmqpd --listen we start ourselves, to read its /proc entries; killed on drop.
 struct Listener {
-    child: Child,
+    server: Server,
     addr: SocketAddr,
 }
 
 impl Listener {
     fn start(q: &TestQueue) -> Listener {
-        for _attempt in 0..5 {
-            let addr = SocketAddr::from(([127, 0, 0, 1], common::free_port()));
-            let child = Command::new(common::qmqpd_bin())
-                .arg("--listen")
-                .arg(addr.to_string())
-                .args(q.args())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .spawn()
-                .unwrap();
-            let mut listener = Listener { child, addr };
-            let deadline = Instant::now() + LIMIT;
-            loop {
-                if q.log_text().contains(&format!("listening on {addr}")) {
-                    return listener;
-                }
-                if listener.child.try_wait().unwrap().is_some() {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "no listener: {}", q.log_text());
-                std::thread::sleep(POLL);
-            }
+        let server = Server::start(q, &[]);
+        Listener {
+            addr: server.addr,
+            server,
         }
-        panic!("qmqpd exited before listening, 5 times: {}", q.log_text());
     }
 
     /// Entries of /proc/PID/<what> ("fd", "task").
     fn count(&self, what: &str) -> usize {
-        std::fs::read_dir(format!("/proc/{}/{what}", self.child.id()))
+        std::fs::read_dir(format!("/proc/{}/{what}", self.server.pid()))
             .unwrap()
             .count()
     }
 
     /// A field of /proc/PID/status in KiB (VmRSS, VmHWM).
     fn status_kib(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.server.pid())).unwrap();
         let line = status.lines().find(|l| l.starts_with(field)).unwrap();
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

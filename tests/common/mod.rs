@@ -267,6 +267,12 @@ impl Server {
         self.child.id()
     }
 
+    /// Kills the server with SIGKILL and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Waits at most `limit` for the server to exit by itself.
     pub fn wait(&mut self, limit: Duration) -> Option<ExitStatus> {
         wait_bounded(&mut self.child, limit)
