@@ -23,20 +23,6 @@ const POLL: Duration = Duration::from_millis(10);
 
 const MESSAGE: &[u8] = b"From: a@example.org\nSubject: fault test\n\nbody\n";
 
-/// qmqpd in stdin mode for a client at 127.0.0.1 (as tcpserver starts it).
-fn qmqpd(q: &TestQueue, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(common::qmqpd_bin());
-    cmd.args(q.args())
-        .args(extra)
-        .env_remove("LISTEN_FDS")
-        .env_remove("LISTEN_PID")
-        .env_remove("MAIL_CONFIG")
-        .env("PROTO", "TCP")
-        .env("TCPREMOTEIP", "127.0.0.1")
-        .env("TCPREMOTEPORT", "40000");
-    cmd
-}
-
 /// The reply payload of a run, or "" when qmqpd wrote nothing.
 fn reply_of(out: &Output) -> String {
     if out.stdout.is_empty() {
@@ -49,7 +35,7 @@ fn reply_of(out: &Output) -> String {
 
 /// Runs one stdin-mode transaction and returns (reply payload, exit code).
 fn transact(q: &TestQueue, extra: &[&str], input: &[u8]) -> (String, Option<i32>) {
-    let out = run_bounded(&mut qmqpd(q, extra), input, LIMIT);
+    let out = run_bounded(&mut common::stdin_qmqpd(q, extra), input, LIMIT);
     (reply_of(&out), out.status.code())
 }
 
@@ -500,7 +486,7 @@ fn sigkill_during_transfer_leaves_nothing_in_new_and_tmp_is_cleaned_later() {
         // Past the outer length (so the queue file exists), before the last byte.
         let cut = usize::try_from(rng.range(20, req.len() as u64)).unwrap();
         let linger = Duration::from_micros(rng.range(0, 20_000));
-        let mut child = qmqpd(&q, &[])
+        let mut child = common::stdin_qmqpd(&q, &[])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

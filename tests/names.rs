@@ -5,7 +5,7 @@
 mod common;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use common::{QueueFile, Server, TestQueue, describe, request, run_bounded};
@@ -14,14 +14,7 @@ use qmqpd::client::{self, Status};
 const LIMIT: Duration = Duration::from_secs(60);
 
 fn serve(q: &TestQueue, extra: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(common::qmqpd_bin());
-    cmd.args(q.args())
-        .args(extra)
-        .env_remove("LISTEN_FDS")
-        .env_remove("TCPREMOTEHOST")
-        .env("PROTO", "TCP")
-        .env("TCPREMOTEIP", "127.0.0.1")
-        .env("TCPREMOTEPORT", "40000");
+    let mut cmd = common::stdin_qmqpd(q, extra);
     for (k, v) in env {
         cmd.env(k, v);
     }

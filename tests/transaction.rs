@@ -14,22 +14,8 @@ use common::{QueueFile, TestQueue, describe, request, run_bounded};
 /// A safety net for every child: never expected to fire.
 const LIMIT: Duration = Duration::from_secs(60);
 
-/// qmqpd in stdin mode, as tcpserver would start it for a client at 127.0.0.1.
-fn qmqpd(q: &TestQueue, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(common::qmqpd_bin());
-    cmd.args(q.args())
-        .args(extra)
-        .env_remove("LISTEN_FDS")
-        .env_remove("LISTEN_PID")
-        .env_remove("MAIL_CONFIG")
-        .env("PROTO", "TCP")
-        .env("TCPREMOTEIP", "127.0.0.1")
-        .env("TCPREMOTEPORT", "40000");
-    cmd
-}
-
 fn serve(q: &TestQueue, extra: &[&str], input: &[u8]) -> Output {
-    run_bounded(&mut qmqpd(q, extra), input, LIMIT)
+    run_bounded(&mut common::stdin_qmqpd(q, extra), input, LIMIT)
 }
 
 /// The reply payload (status letter and text) of a qmqpd run.
@@ -306,7 +292,7 @@ fn stdin_waits_error_delay_before_rejecting() {
 #[test]
 fn stdin_denies_unidentified_pipe_and_says_how_to_identify() {
     let q = TestQueue::new();
-    let mut cmd = qmqpd(&q, &[]);
+    let mut cmd = common::stdin_qmqpd(&q, &[]);
     cmd.env_remove("PROTO").env_remove("TCPREMOTEIP");
     let out = run_bounded(&mut cmd, &request(b"x", b"s@x", &[b"r@x"]), LIMIT);
     assert_rejected(
@@ -328,7 +314,7 @@ fn stdin_denies_unidentified_pipe_and_says_how_to_identify() {
 #[test]
 fn stdin_denies_client_outside_access_list() {
     let q = TestQueue::new();
-    let mut cmd = qmqpd(&q, &[]);
+    let mut cmd = common::stdin_qmqpd(&q, &[]);
     cmd.env("TCPREMOTEIP", "192.0.2.1");
     let out = run_bounded(&mut cmd, &request(b"x", b"s@x", &[b"r@x"]), LIMIT);
     assert_rejected(
@@ -374,7 +360,7 @@ fn stdin_access_list_forms_decide() {
         ("", "127.0.0.1", None, false),
     ];
     for (list, ip, host, allowed) in cases {
-        let mut cmd = qmqpd(&q, &["-o", &format!("qmqpd_authorized_clients={list}")]);
+        let mut cmd = common::stdin_qmqpd(&q, &["-o", &format!("qmqpd_authorized_clients={list}")]);
         cmd.env("TCPREMOTEIP", ip);
         if let Some(host) = host {
             cmd.env("TCPREMOTEHOST", host);
@@ -517,7 +503,7 @@ fn stdin_rewrites_from_line_and_leading_space() {
 #[test]
 fn stdin_writes_ipv6_client_as_address_literal() {
     let q = TestQueue::new();
-    let mut cmd = qmqpd(&q, &[]);
+    let mut cmd = common::stdin_qmqpd(&q, &[]);
     cmd.env("PROTO", "TCP6")
         .env("TCP6REMOTEIP", "::1")
         .env_remove("TCPREMOTEIP");
@@ -561,7 +547,7 @@ fn stdin_write_error_answers_z_and_leaves_no_tmp_file() {
 #[test]
 fn stdin_read_timeout_queues_nothing_and_logs_where() {
     let q = TestQueue::new();
-    let mut child = qmqpd(&q, &["-o", "qmqpd_timeout=1s"])
+    let mut child = common::stdin_qmqpd(&q, &["-o", "qmqpd_timeout=1s"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -582,11 +568,12 @@ fn stdin_read_timeout_queues_nothing_and_logs_where() {
 #[test]
 fn stdin_daemon_timeout_ends_a_dribbling_client() {
     let q = TestQueue::new();
-    let mut child = qmqpd(&q, &["-o", "qmqpd_timeout=30s", "-o", "daemon_timeout=2s"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child =
+        common::stdin_qmqpd(&q, &["-o", "qmqpd_timeout=30s", "-o", "daemon_timeout=2s"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
     let mut stdin = child.stdin.take().unwrap();
     let dribbler = std::thread::spawn(move || {
         stdin.write_all(b"100000:99990:").ok();

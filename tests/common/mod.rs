@@ -118,6 +118,24 @@ impl TestQueue {
     }
 }
 
+/// qmqpd in stdin mode as tcpserver starts it for a client at 127.0.0.1:40000: the queue's
+/// arguments, `extra`, the UCSPI variables, and none of the variables that would change the
+/// mode or the configuration (LISTEN_*, MAIL_CONFIG, a client name).
+pub fn stdin_qmqpd(q: &TestQueue, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(qmqpd_bin());
+    cmd.args(q.args())
+        .args(extra)
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("MAIL_CONFIG")
+        .env_remove("TCPREMOTEHOST")
+        .env_remove("TCP6REMOTEHOST")
+        .env("PROTO", "TCP")
+        .env("TCPREMOTEIP", "127.0.0.1")
+        .env("TCPREMOTEPORT", "40000");
+    cmd
+}
+
 /// The QMQP request bytes (wraps client::encode_request).
 pub fn request(message: &[u8], sender: &[u8], recipients: &[&[u8]]) -> Vec<u8> {
     qmqpd::client::encode_request(message, sender, recipients)
