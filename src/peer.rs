@@ -4,11 +4,12 @@
 //! forward look-up, bounded in time). Owns the `name[addr]` form used in logs and replies.
 //! Does not decide whether the client may use the service (that is `access`).
 
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::{Arc, mpsc};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{AddressFamily, SockaddrLike, SockaddrStorage, getpeername};
 
@@ -251,6 +252,49 @@ pub fn verified_name(resolver: Arc<dyn Resolver>, addr: IpAddr, limit: Duration)
     }
 }
 
+/// Confirmed names (and the absence of one) by address, for a listener that serves the same
+/// few list hosts over and over: a look-up costs two resolver queries and a thread.
+pub struct NameCache {
+    ttl: Duration,
+    entries: Mutex<HashMap<IpAddr, (Option<String>, Instant)>>,
+}
+
+impl NameCache {
+    /// The most addresses kept; a full cache is emptied rather than managed.
+    const MAX_ENTRIES: usize = 4096;
+
+    /// A cache whose answers are reused for `ttl`.
+    pub fn new(ttl: Duration) -> NameCache {
+        NameCache {
+            ttl,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The verified name of `addr`, from the cache while fresh, else from `verified_name`.
+    pub fn verified_name(
+        &self,
+        resolver: &Arc<dyn Resolver>,
+        addr: IpAddr,
+        limit: Duration,
+    ) -> Option<String> {
+        let now = Instant::now();
+        let lock = || self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((name, at)) = lock().get(&addr)
+            && now.saturating_duration_since(*at) < self.ttl
+        {
+            return name.clone();
+        }
+        let name = verified_name(Arc::clone(resolver), addr, limit);
+        let mut entries = lock();
+        if entries.len() >= Self::MAX_ENTRIES {
+            entries.clear();
+        }
+        entries.insert(addr, (name.clone(), now));
+        name
+    }
+}
+
 fn confirm_name(resolver: &dyn Resolver, addr: IpAddr) -> Option<String> {
     let addr = addr.to_canonical();
     let found = resolver.reverse(addr)?;
@@ -384,6 +428,39 @@ mod tests {
             started.elapsed() < Duration::from_secs(5),
             "did not wait for the resolver"
         );
+    }
+
+    /// Counts reverse look-ups.
+    struct Counting(std::sync::atomic::AtomicUsize);
+
+    impl Resolver for Counting {
+        fn reverse(&self, _: IpAddr) -> Option<String> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Some("list.example.org".into())
+        }
+        fn forward(&self, _: &str) -> Vec<IpAddr> {
+            vec!["192.0.2.1".parse().unwrap()]
+        }
+    }
+
+    #[test]
+    fn name_cache_reuses_answers_until_they_expire() {
+        let counting = Arc::new(Counting(Default::default()));
+        let resolver: Arc<dyn Resolver> = counting.clone();
+        let addr: IpAddr = "192.0.2.1".parse().unwrap();
+        let limit = Duration::from_secs(30);
+        let cache = NameCache::new(Duration::from_secs(3600));
+        for _ in 0..3 {
+            assert_eq!(
+                cache.verified_name(&resolver, addr, limit).as_deref(),
+                Some("list.example.org")
+            );
+        }
+        assert_eq!(counting.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let expired = NameCache::new(Duration::ZERO);
+        expired.verified_name(&resolver, addr, limit);
+        expired.verified_name(&resolver, addr, limit);
+        assert_eq!(counting.0.load(std::sync::atomic::Ordering::SeqCst), 3);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use nix::sys::socket::{Shutdown, shutdown};
 use crate::access::{AccessError, MatchList};
 use crate::config::Params;
 use crate::listen::Listener;
-use crate::peer::{self, Client, LaunchEnv, Resolver, SocketPeer, SystemResolver};
+use crate::peer::{self, Client, LaunchEnv, NameCache, Resolver, SocketPeer, SystemResolver};
 use crate::queue::Queue;
 use crate::reply::{Rejection, Reply};
 use crate::session::{self, End, Outcome, Transaction};
@@ -36,6 +36,8 @@ const STOP_GRACE: Duration = Duration::from_secs(30);
 const READ_BUFFER: usize = 64 * 1024;
 /// The longest a client's host name look-up may take (further bounded by qmqpd_timeout).
 const PEERNAME_LIMIT: Duration = Duration::from_secs(5);
+/// How long a listener reuses a client's looked-up name (one-shot processes never do).
+const PEERNAME_TTL: Duration = Duration::from_secs(60);
 /// How long a denied client may take to send the rest of its request (the drain), so that
 /// denied clients cannot hold connection slots for long.
 const DENIED_DRAIN_LIMIT: Duration = Duration::from_secs(10);
@@ -56,6 +58,8 @@ pub struct Service {
     pub resolver: Arc<dyn Resolver>,
     /// How long a name look-up may take.
     pub peername_limit: Duration,
+    /// Names already looked up, shared by a listener's connections.
+    pub names: NameCache,
     /// Set by the accept loop while every connection slot is busy.
     pub stress: AtomicBool,
 }
@@ -79,6 +83,7 @@ impl Service {
             env,
             resolver: Arc::new(SystemResolver),
             peername_limit,
+            names: NameCache::new(PEERNAME_TTL),
             stress: AtomicBool::new(false),
         })
     }
@@ -184,7 +189,9 @@ pub fn serve_connection(svc: &Service, conn: Connection) -> Outcome {
     if params.qmqpd_peername_lookup
         && !client.name_verified
         && let Some(addr) = client.addr
-        && let Some(name) = peer::verified_name(Arc::clone(&svc.resolver), addr, svc.peername_limit)
+        && let Some(name) = svc
+            .names
+            .verified_name(&svc.resolver, addr, svc.peername_limit)
     {
         client.name = name;
         client.name_verified = true;
