@@ -142,19 +142,16 @@ fn run() -> i32 {
         Ok(svc) => svc,
         Err(e) => return fail_logged(&e.to_string(), &waiting),
     };
-    match mode {
-        Incoming::Stdio => match Connection::stdio() {
-            Ok(conn) => serve_once(&svc, conn),
-            Err(e) => fail_logged(
-                &format!("cannot use the connection on stdin/stdout: {e}"),
-                &Waiting::Nobody,
-            ),
-        },
-        Incoming::Passed(fd) => match Connection::socket(fd) {
-            Ok(conn) => serve_once(&svc, conn),
-            Err(e) => fail_logged(&format!("cannot use the passed connection: {e}"), &waiting),
-        },
-        Incoming::Listen(listeners) => serve_listeners(svc, &listeners, !args.listen.is_empty()),
+    match (mode, waiting) {
+        (Incoming::Listen(listeners), _) => {
+            serve_listeners(svc, &listeners, !args.listen.is_empty())
+        }
+        // The waiting client is the connection on stdin/stdout or the passed socket.
+        (_, Waiting::Client(conn)) => serve_once(&svc, conn),
+        (_, Waiting::Nobody) => fail_logged(
+            "cannot use the client connection (stdin/stdout or the socket systemd passed)",
+            &Waiting::Nobody,
+        ),
     }
 }
 
