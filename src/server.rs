@@ -207,12 +207,14 @@ pub fn serve_connection(svc: &Service, conn: Connection) -> Outcome {
         client.namaddr(),
         if authorized { "match" } else { "no match" }
     );
-    let deadline = if authorized {
+    // A denied client's request is only drained: it gets little time to send it (the reply
+    // itself still has the connection's full deadline).
+    let read_deadline = if authorized {
         deadline
     } else {
         deadline.min(Instant::now() + DENIED_DRAIN_LIMIT)
     };
-    let outcome = run_transaction(svc, &conn, &client, authorized, deadline);
+    let outcome = run_transaction(svc, &conn, &client, authorized, (read_deadline, deadline));
     close(&conn, &outcome, deadline);
     log::info!("disconnect from {}", client.namaddr());
     if client.addr.is_none() && !authorized {
@@ -232,13 +234,13 @@ fn run_transaction(
     conn: &Connection,
     client: &Client,
     authorized: bool,
-    deadline: Instant,
+    (read_deadline, deadline): (Instant, Instant),
 ) -> Outcome {
     let timeout = svc.params.qmqpd_timeout;
     let rd = Timed {
         file: &conn.rd,
         timeout,
-        deadline,
+        deadline: read_deadline,
         stress: Some(&svc.stress),
     };
     let mut wr = Timed {
