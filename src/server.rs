@@ -7,7 +7,7 @@
 //! SIGTERM/SIGINT, after `max_use` connections or after `max_idle` without work.
 
 use std::fs::File;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::panic::AssertUnwindSafe;
@@ -32,8 +32,6 @@ use crate::session::{self, End, Outcome, Transaction};
 const LINGER: Duration = Duration::from_secs(2);
 /// How long a stopping listener waits for running transactions at most.
 const STOP_GRACE: Duration = Duration::from_secs(30);
-/// Read buffer size: large enough that a big message costs few system calls.
-const READ_BUFFER: usize = 64 * 1024;
 /// The longest a client's host name look-up may take (further bounded by qmqpd_timeout).
 const PEERNAME_LIMIT: Duration = Duration::from_secs(5);
 /// How long a listener reuses a client's looked-up name (one-shot processes never do).
@@ -237,7 +235,7 @@ fn run_transaction(
     (read_deadline, deadline): (Instant, Instant),
 ) -> Outcome {
     let timeout = svc.params.qmqpd_timeout;
-    let rd = Timed {
+    let mut rdr = Timed {
         file: &conn.rd,
         timeout,
         deadline: read_deadline,
@@ -249,7 +247,6 @@ fn run_transaction(
         deadline,
         stress: Some(&svc.stress),
     };
-    let mut rdr = BufReader::with_capacity(READ_BUFFER, rd);
     let t = Transaction {
         client,
         params: &svc.params,
@@ -514,10 +511,19 @@ pub fn run_listeners(
             }
         }
     }
-    // Let running transactions finish, within bounds.
+    // Let running transactions finish. After max_use or max_idle they all may (each is
+    // bounded by daemon_timeout); after SIGTERM/SIGINT only for a grace period, since the
+    // service manager is waiting (what is cut off is not acknowledged, and its tmp/ file is
+    // removed by a later run).
     notifier.stopping(served, active.get());
-    let grace = STOP_GRACE.min(svc.params.qmqpd_timeout);
-    let deadline = Instant::now() + grace;
+    let grace = if stop.is_stopped() {
+        STOP_GRACE.min(svc.params.qmqpd_timeout)
+    } else {
+        svc.params.daemon_timeout
+    };
+    let deadline = Instant::now()
+        .checked_add(grace)
+        .unwrap_or_else(Instant::now);
     while active.get() > 0 && Instant::now() < deadline {
         let left = deadline.saturating_duration_since(Instant::now());
         active.wait_below(1, left.min(notifier.interval()));

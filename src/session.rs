@@ -7,7 +7,7 @@
 //! its reply, unless it is far too large or stops being netstrings. This module never touches
 //! a socket, a file descriptor, the environment or an exit code.
 
-use std::io::{self, BufRead, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::time::SystemTime;
 
 use crate::config::Params;
@@ -23,6 +23,8 @@ use crate::reply::{Rejection, Reply, Where};
 const DRAIN_FACTOR: u64 = 4;
 /// The drain bound when `message_size_limit` is 0 (no limit): four times the default limit.
 const DRAIN_FALLBACK: u64 = 4 * 10_240_000;
+/// Read buffer size for the request body: large enough that a big message costs few reads.
+const READ_BUFFER: usize = 64 * 1024;
 
 /// Everything one transaction needs besides the connection.
 pub struct Transaction<'a> {
@@ -73,13 +75,14 @@ enum Stop {
 }
 
 /// Serves one transaction: reads the request from `rdr`, queues it, writes one reply to `wtr`.
-pub fn serve<R: BufRead, W: Write>(rdr: &mut R, wtr: &mut W, t: &Transaction<'_>) -> Outcome {
+/// Never reads a byte past the request's outer `,` (the reader may be shared, as in a ucspi
+/// pipeline), so `rdr` needs no buffering of its own.
+pub fn serve<R: Read, W: Write>(rdr: &mut R, wtr: &mut W, t: &Transaction<'_>) -> Outcome {
     let mut s = Session::new(t);
     let stop = s.receive(rdr).err();
     let request_read = stop.is_none();
     let reply = match stop {
         Some(Stop::Lost { at, timeout }) => {
-            s.file = None;
             let reason = if timeout {
                 "read timeout"
             } else {
@@ -90,10 +93,17 @@ pub fn serve<R: BufRead, W: Write>(rdr: &mut R, wtr: &mut W, t: &Transaction<'_>
                 s.log_id(),
                 t.client.namaddr()
             );
-            return Outcome {
-                end: End::Lost { at, timeout },
-                request_read,
-            };
+            // A rejected client that stops sending while its request is drained still gets
+            // its reply (and the warning is logged): it may only be slow, and without the
+            // reply it would retry forever.
+            if !(timeout && s.rejection.is_some()) {
+                s.file = None;
+                return Outcome {
+                    end: End::Lost { at, timeout },
+                    request_read,
+                };
+            }
+            s.finish()
         }
         Some(Stop::ReplyNow(why)) => {
             s.reject(why);
@@ -164,35 +174,48 @@ impl<'a> Session<'a> {
         self.reject(Rejection::WriteError);
     }
 
-    fn receive<R: BufRead>(&mut self, rdr: &mut R) -> Result<(), Stop> {
+    fn receive<R: Read>(&mut self, rdr: &mut R) -> Result<(), Stop> {
         let params = self.t.params;
         if !self.t.authorized {
             self.reject(Rejection::NotAuthorized(self.t.client.namaddr()));
         }
-        let len = netstring::read_len(rdr, None)
+        // Unbuffered, one byte a read, so nothing after the `:` is taken.
+        let len = netstring::read_len(&mut BufReader::with_capacity(1, &mut *rdr), None)
             .map_err(|e| stop(e, Where::Header, Rejection::TooLarge))?;
         if params.message_size_limit > 0 && len > params.message_size_limit {
             self.reject(Rejection::TooLarge);
         }
+        let drain_limit = match params.message_size_limit {
+            0 => DRAIN_FALLBACK,
+            n => n.saturating_mul(DRAIN_FACTOR),
+        };
+        // A request rejected now, or later (hops, addresses...), is drained only when it is
+        // not far too large.
+        let undrainable = len > drain_limit;
         if self.rejection.is_some() {
-            let limit = match params.message_size_limit {
-                0 => DRAIN_FALLBACK,
-                n => n.saturating_mul(DRAIN_FACTOR),
-            };
-            if len > limit {
+            if undrainable {
                 return Err(Stop::ReplyNow(Rejection::TooLarge));
             }
         } else {
             self.open_file();
         }
+        let give_up = |s: &Self| match (&s.rejection, undrainable) {
+            (Some(why), true) => Err(Stop::ReplyNow(why.clone())),
+            _ => Ok(()),
+        };
         self.budget = len;
         log::debug!("{}: request of {len} bytes", self.log_id());
-        self.receive_message(rdr)?;
-        self.receive_sender(rdr)?;
+        // The rest of the request is exactly `len` bytes and the outer `,`.
+        let mut body = BufReader::with_capacity(READ_BUFFER, rdr.take(len.saturating_add(1)));
+        self.receive_message(&mut body)?;
+        give_up(self)?;
+        self.receive_sender(&mut body)?;
+        give_up(self)?;
         while self.budget > 0 {
-            self.receive_recipient(rdr)?;
+            self.receive_recipient(&mut body)?;
+            give_up(self)?;
         }
-        netstring::read_comma(rdr)
+        netstring::read_comma(&mut body)
             .map_err(|e| stop(e, Where::Recipient, Rejection::Format(Where::Recipient)))?;
         if self.recipients == 0 {
             self.reject(Rejection::NoRecipients);
@@ -524,7 +547,10 @@ mod tests {
         assert!(reply.contains(":KOk: queued as "), "{reply}");
         assert!(outcome.request_read);
         assert!(matches!(outcome.end, End::Replied(Reply::Queued(_))));
-        assert!(read <= len + 1, "read {read} of a {len}-byte request");
+        assert_eq!(
+            read, len,
+            "read exactly the {len}-byte request, nothing after it"
+        );
         assert_eq!((f.files("new"), f.files("tmp")), (1, 0));
     }
 
@@ -574,6 +600,51 @@ mod tests {
             );
         }
         assert_eq!((f.files("new"), f.files("tmp")), (0, 0));
+    }
+
+    /// Gives its bytes, then times out (a client that stops sending).
+    struct Stalls(Cursor<Vec<u8>>);
+
+    impl Read for Stalls {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            match self.0.read(buf)? {
+                0 => Err(io::ErrorKind::TimedOut.into()),
+                n => Ok(n),
+            }
+        }
+    }
+
+    #[test]
+    fn serve_replies_to_a_denied_client_that_stalls_while_drained() {
+        let f = Fixture::new();
+        let queue = Queue::new(&f.params.queue_directory, "host");
+        let t = Transaction {
+            client: &f.client,
+            params: &f.params,
+            queue: &queue,
+            authorized: false,
+        };
+        let input = request(&vec![b'x'; 10_000], b"s@x", &[b"r@y"]);
+        let mut rdr = Stalls(Cursor::new(input[..5000].to_vec()));
+        let mut out = Vec::new();
+        let outcome = serve(&mut rdr, &mut out, &t);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "64:DError: unknown[192.0.2.1] is not authorized to use this service,"
+        );
+        assert!(!outcome.request_read);
+        let t = Transaction {
+            authorized: true,
+            ..t
+        };
+        let mut rdr = Stalls(Cursor::new(input[..5000].to_vec()));
+        let mut out = Vec::new();
+        let outcome = serve(&mut rdr, &mut out, &t);
+        assert!(
+            out.is_empty(),
+            "an accepted request cut short gets no reply"
+        );
+        assert!(matches!(outcome.end, End::Lost { timeout: true, .. }));
     }
 
     #[test]

@@ -1173,3 +1173,33 @@ fn socket_activate_unix_listener_serves_local_clients_as_localhost() {
     );
     assert_landed(&q, 1, "127.0.0.1");
 }
+
+#[test]
+fn socket_activate_listener_at_max_use_lets_a_slow_transaction_finish() {
+    // After its last connection (max_use) the listener waits for the running transaction,
+    // however long it takes within daemon_timeout, instead of cutting it off.
+    let q = TestQueue::new();
+    let args = ["-o", "max_use=1", "-o", "qmqpd_timeout=2s"];
+    let Some((mut sa, addrs)) = socket_activate(&q, &[false], &[], &args) else {
+        return;
+    };
+    let request = common::request(MESSAGE, SENDER.as_bytes(), &[RECIPIENT.as_bytes()]);
+    let mut stream = TcpStream::connect(addrs[0]).unwrap();
+    stream.set_read_timeout(Some(IO_LIMIT)).unwrap();
+    // Six pieces one second apart: each gap is within qmqpd_timeout, the whole well beyond.
+    let pieces: Vec<&[u8]> = request.chunks(request.len().div_ceil(6)).collect();
+    for piece in &pieces {
+        stream.write_all(piece).unwrap();
+        thread::sleep(Duration::from_secs(1));
+    }
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).unwrap();
+    assert!(
+        text(&reply).contains(":KOk: queued as "),
+        "{}",
+        q.log_text()
+    );
+    let status = sa.wait_exit();
+    assert_eq!(status.code(), Some(0), "{}", sa.output_text());
+    assert_landed(&q, 1, "127.0.0.1");
+}

@@ -220,3 +220,37 @@ fn ipv4_client_of_a_dual_stack_socket_is_logged_as_ipv4() {
     let file = QueueFile::read(&q.files("new")[0]);
     assert_eq!(file.attribute("client_address"), Some("127.0.0.1"));
 }
+
+#[test]
+fn listener_ignores_launcher_variables() {
+    // A listener started from a shell that tcpserver spawned must not take every client for
+    // the one that shell was started for.
+    let q = TestQueue::new();
+    let mut cmd = std::process::Command::new(common::qmqpd_bin());
+    let port = common::free_port();
+    cmd.arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .args(q.args())
+        .args(["-o", "qmqpd_authorized_clients=192.0.2.9"])
+        .env("PROTO", "TCP")
+        .env("TCPREMOTEIP", "192.0.2.9")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    let deadline = std::time::Instant::now() + LIMIT;
+    let mut ready = false;
+    while !ready && child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        ready = q.log_text().contains("listening on");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let reply = ready.then(|| send_to(SocketAddr::from(([127, 0, 0, 1], port))));
+    let _ = child.kill();
+    let _ = child.wait();
+    let reply = reply.unwrap_or_else(|| panic!("qmqpd did not listen: {}", q.log_text()));
+    assert_eq!(reply.status, Status::PermFail, "{reply:?}");
+    assert!(
+        q.log_text().contains("connect from unknown[127.0.0.1]"),
+        "{}",
+        q.log_text()
+    );
+}

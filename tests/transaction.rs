@@ -664,3 +664,30 @@ fn stdin_cleans_stale_tmp_files() {
         "a fresh tmp/ file may belong to a running transaction"
     );
 }
+
+#[test]
+fn stdin_never_reads_past_the_outer_comma() {
+    // In a ucspi pipeline the input may be shared: what follows the request stays unread.
+    let q = TestQueue::new();
+    let mut input = request(b"x\n", b"s@x", &[b"r@x"]);
+    input.extend_from_slice(b"TRAILING BYTES");
+    let file = q.dir.path().join("request");
+    std::fs::write(&file, &input).unwrap();
+    let rest = q.dir.path().join("rest");
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg("\"$0\" \"$@\"; cat > \"$REST\"")
+        .arg(common::qmqpd_bin())
+        .args(q.args())
+        .env("REST", &rest)
+        .env("PROTO", "TCP")
+        .env("TCPREMOTEIP", "127.0.0.1")
+        .env_remove("LISTEN_FDS");
+    let out = common::run_bounded_from(
+        &mut cmd,
+        Stdio::from(std::fs::File::open(&file).unwrap()),
+        LIMIT,
+    );
+    assert!(reply(&out).starts_with("KOk"), "{}", describe(&out));
+    assert_eq!(std::fs::read(&rest).unwrap(), b"TRAILING BYTES");
+}

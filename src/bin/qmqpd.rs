@@ -138,6 +138,12 @@ fn run() -> i32 {
     if let Err(e) = switch_user(&cfg.params.mail_owner) {
         return fail_logged(&format!("{e:#}"), &waiting);
     }
+    // The launcher's variables describe the one connection it handed over; a listener's
+    // clients are known only from their sockets.
+    let env = match mode {
+        Incoming::Listen(_) => LaunchEnv::default(),
+        _ => env,
+    };
     let svc = match Service::new(cfg.params, env) {
         Ok(svc) => svc,
         Err(e) => return fail_logged(&e.to_string(), &waiting),
