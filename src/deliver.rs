@@ -918,13 +918,23 @@ impl Deliverer {
     fn run_exec(&self, command: &str, claim: &Claim, envelope: &Envelope) -> Vec<RecipientVerdict> {
         let rcpts: Vec<&[u8]> = envelope.recipients.iter().map(Vec::as_slice).collect();
         if verp_delimiters(&envelope.sender).is_none() {
-            let verdict = self.run_command(command, claim, envelope, &envelope.sender, &rcpts);
-            return (0..rcpts.len())
-                .map(|index| RecipientVerdict {
+            // Recipients are arguments: a big list goes in several runs so that no run
+            // exceeds the kernel's limit on arguments (E2BIG would bounce them all).
+            let mut verdicts = Vec::with_capacity(rcpts.len());
+            for batch in argv_batches(&rcpts, ARGV_BATCH_BYTES) {
+                let verdict = self.run_command(
+                    command,
+                    claim,
+                    envelope,
+                    &envelope.sender,
+                    &rcpts[batch.clone()],
+                );
+                verdicts.extend(batch.map(|index| RecipientVerdict {
                     index,
                     verdict: verdict.clone(),
-                })
-                .collect();
+                }));
+            }
+            return verdicts;
         }
         rcpts
             .iter()
@@ -1157,6 +1167,31 @@ impl Deliverer {
 }
 
 /// Opens a queue file at its message, reading exactly the message's bytes.
+/// The most bytes of recipient arguments one `--exec` run gets (Linux allows 2 MiB of
+/// arguments and environment together; this leaves room for the environment).
+const ARGV_BATCH_BYTES: usize = 256 * 1024;
+
+/// Splits recipients into consecutive runs of at most `limit` argument bytes each (a single
+/// longer recipient gets a run of its own).
+fn argv_batches(rcpts: &[&[u8]], limit: usize) -> Vec<std::ops::Range<usize>> {
+    let mut batches = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0usize;
+    for (i, rcpt) in rcpts.iter().enumerate() {
+        let cost = rcpt.len().saturating_add(1 + std::mem::size_of::<usize>());
+        if i > start && bytes.saturating_add(cost) > limit {
+            batches.push(start..i);
+            start = i;
+            bytes = 0;
+        }
+        bytes = bytes.saturating_add(cost);
+    }
+    if start < rcpts.len() {
+        batches.push(start..rcpts.len());
+    }
+    batches
+}
+
 fn open_message(path: &Path, envelope: &Envelope) -> io::Result<io::Take<BufReader<File>>> {
     let mut file = File::open(path)?;
     file.seek(SeekFrom::Start(envelope.message_offset))?;
@@ -1228,6 +1263,15 @@ mod tests {
             verp_sender(b"b+@h-@[]", b"a@b@c").unwrap(),
             b"b+a@b=c@h".to_vec()
         );
+    }
+
+    #[test]
+    fn argv_batches_split_by_bytes_and_keep_order() {
+        let r: Vec<&[u8]> = vec![b"aaaa", b"bbbb", b"cccc", b"dddddddddddddddddddd", b"e"];
+        let one = 5 + std::mem::size_of::<usize>();
+        assert_eq!(argv_batches(&r, 1 << 20), vec![0..5]);
+        assert_eq!(argv_batches(&r, 2 * one), vec![0..2, 2..3, 3..4, 4..5]);
+        assert_eq!(argv_batches(&[], 10), Vec::<std::ops::Range<usize>>::new());
     }
 
     #[test]

@@ -497,14 +497,25 @@ pub fn run_listeners(
             active.add(1);
             let slot = Slot(Arc::clone(&active));
             let svc_for_thread = Arc::clone(&svc);
+            // Handed over through a slot so that, if no thread can be started, the
+            // connection is still here to be answered.
+            let handover = Arc::new(Mutex::new(Some(conn)));
+            let for_thread = Arc::clone(&handover);
             let spawned = std::thread::Builder::new()
                 .name("connection".into())
                 .spawn(move || {
                     let _slot = slot;
-                    serve_connection(&svc_for_thread, conn);
+                    let conn = for_thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    if let Some(conn) = conn {
+                        serve_connection(&svc_for_thread, conn);
+                    }
                 });
             if let Err(e) = spawned {
-                log::warn!("cannot start a connection thread: {e}");
+                log::warn!("cannot start a connection thread: {e}: answering Z");
+                let conn = handover.lock().unwrap_or_else(|e| e.into_inner()).take();
+                if let Some(conn) = conn {
+                    refuse(&conn, &Reply::Rejected(Rejection::Internal));
+                }
             }
             if limits.max_use.is_some_and(|m| served >= m) {
                 break;

@@ -56,13 +56,7 @@ fn deliver_once(q: &TestQueue, args: &[&str]) -> Output {
 /// Queues one message through a real qmqpd in stdin mode; returns the new queue file.
 fn submit(q: &TestQueue, message: &[u8], sender: &[u8], recipients: &[&[u8]]) -> PathBuf {
     let before: BTreeSet<PathBuf> = q.files("new").into_iter().collect();
-    let mut cmd = Command::new(common::qmqpd_bin());
-    cmd.args(q.args())
-        .env_remove("LISTEN_FDS")
-        .env_remove("LISTEN_PID")
-        .env_remove("MAIL_CONFIG")
-        .env("PROTO", "TCP")
-        .env("TCPREMOTEIP", "127.0.0.1");
+    let mut cmd = common::stdin_qmqpd(q, &[]);
     let out = run_bounded(&mut cmd, &request(message, sender, recipients), LIMIT);
     assert!(
         text(&out.stdout).contains(":KOk"),
@@ -775,4 +769,32 @@ fn deliver_rejects_usage_errors_with_64() {
         assert_eq!(out.status.code(), Some(64), "{args:?}: {}", describe(&out));
         assert!(text(&out.stderr).contains("usage:"), "{}", describe(&out));
     }
+}
+
+#[test]
+fn deliver_exec_splits_a_huge_recipient_list_into_several_runs() {
+    // 40 000 recipients are about 1.5 MB of arguments: one run would fail with E2BIG.
+    let q = TestQueue::new();
+    let rcpts: Vec<String> = (0..40_000)
+        .map(|i| format!("subscriber-{i:05}@lists.example.net"))
+        .collect();
+    let refs: Vec<&[u8]> = rcpts.iter().map(|r| r.as_bytes()).collect();
+    let id = write_queue_file(&q, MESSAGE, b"list@example.org", &refs);
+    let out_file = q.dir.path().join("delivered");
+    let command = format!(
+        "printf '%s\\n' \"$@\" >> '{}' && echo run >> '{}.runs'",
+        out_file.display(),
+        out_file.display()
+    );
+    deliver_once(&q, &["--exec", &command]);
+    let delivered = fs::read_to_string(&out_file).unwrap();
+    let got: Vec<&str> = delivered.lines().collect();
+    assert_eq!(got.len(), rcpts.len(), "every recipient once, in order");
+    assert!(got.iter().zip(&rcpts).all(|(a, b)| a == b));
+    let runs = fs::read_to_string(format!("{}.runs", out_file.display())).unwrap();
+    assert!(runs.lines().count() > 1, "split into several runs");
+    assert!(
+        q.files("new").is_empty() && q.files("failed").is_empty(),
+        "{id} delivered"
+    );
 }
