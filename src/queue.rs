@@ -118,6 +118,8 @@ pub struct Queue {
     dir: PathBuf,
     host: String,
     new_sync: Arc<DirSync>,
+    /// Mode of new queue files, decided on first use (see `file_mode`).
+    file_mode: std::sync::OnceLock<u32>,
 }
 
 impl Queue {
@@ -128,6 +130,7 @@ impl Queue {
             dir: dir.to_path_buf(),
             host: file_name_host(hostname),
             new_sync: Arc::new(DirSync::new(dir.join("new"))),
+            file_mode: std::sync::OnceLock::new(),
         }
     }
 
@@ -157,7 +160,7 @@ impl Queue {
             OpenOptions::new()
                 .write(true)
                 .create_new(true)
-                .mode(0o600)
+                .mode(self.file_mode())
                 .open(&tmp)
         };
         let file = match open() {
@@ -175,6 +178,19 @@ impl Queue {
             tmp,
             committed: false,
         })
+    }
+
+    /// 0600, or 0640 when `tmp/` has the set-group-ID bit: its files then belong to the
+    /// directory's group (a consumer's), which may read them. Never world-readable.
+    fn file_mode(&self) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        let setgid = |m: u32| if m & 0o2000 != 0 { 0o640 } else { 0o600 };
+        match fs::metadata(self.dir.join("tmp")) {
+            Ok(meta) => *self
+                .file_mode
+                .get_or_init(|| setgid(meta.permissions().mode())),
+            Err(_) => 0o600,
+        }
     }
 
     /// Removes files in `tmp/` last modified more than `max_age` before `now`; returns how
@@ -473,6 +489,24 @@ mod tests {
             "every commit is covered by a directory sync"
         );
         assert!(!st.running);
+    }
+
+    #[test]
+    fn queue_files_are_group_readable_only_in_a_setgid_queue() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode_of = |setgid: bool| {
+            let dir = tempfile::tempdir().unwrap();
+            let q = Queue::new(dir.path(), "h");
+            q.create_dirs().unwrap();
+            if setgid {
+                fs::set_permissions(dir.path().join("tmp"), fs::Permissions::from_mode(0o2750))
+                    .unwrap();
+            }
+            let f = q.create("ID").unwrap();
+            fs::metadata(f.tmp_path()).unwrap().permissions().mode() & 0o7777
+        };
+        assert_eq!(mode_of(false), 0o600);
+        assert_eq!(mode_of(true), 0o640);
     }
 
     #[test]
