@@ -230,6 +230,18 @@ impl Resolver for SystemResolver {
 /// forward look-up lists `addr` again (Postfix's rule). Waits at most `limit`: a resolver that
 /// does not answer in time leaves the name unknown (its thread finishes on its own).
 pub fn verified_name(resolver: Arc<dyn Resolver>, addr: IpAddr, limit: Duration) -> Option<String> {
+    look_up(resolver, addr, limit).unwrap_or(None)
+}
+
+/// No answer within the time limit (or no thread to ask in).
+struct NoAnswer;
+
+/// `verified_name`, telling a resolver that did not answer from one that found no name.
+fn look_up(
+    resolver: Arc<dyn Resolver>,
+    addr: IpAddr,
+    limit: Duration,
+) -> Result<Option<String>, NoAnswer> {
     let (tx, rx) = mpsc::channel();
     let spawned = std::thread::Builder::new()
         .name("peername".into())
@@ -238,30 +250,30 @@ pub fn verified_name(resolver: Arc<dyn Resolver>, addr: IpAddr, limit: Duration)
         });
     if let Err(e) = spawned {
         log::warn!("cannot start the host name look-up for {addr}: {e}");
-        return None;
+        return Err(NoAnswer);
     }
-    match rx.recv_timeout(limit) {
-        Ok(name) => name,
-        Err(_) => {
-            log::warn!(
-                "host name look-up for {addr} took longer than {}s: using unknown",
-                limit.as_secs_f32()
-            );
-            None
-        }
-    }
+    rx.recv_timeout(limit).map_err(|_| {
+        log::warn!(
+            "host name look-up for {addr} took longer than {}s: using unknown",
+            limit.as_secs_f32()
+        );
+        NoAnswer
+    })
 }
 
 /// Confirmed names (and the absence of one) by address, for a listener that serves the same
 /// few list hosts over and over: a look-up costs two resolver queries and a thread.
 pub struct NameCache {
     ttl: Duration,
+    /// The answer and when it expires.
     entries: Mutex<HashMap<IpAddr, (Option<String>, Instant)>>,
 }
 
 impl NameCache {
     /// The most addresses kept; a full cache is emptied rather than managed.
     const MAX_ENTRIES: usize = 4096;
+    /// How long "the resolver did not answer" is remembered.
+    const NO_ANSWER_TTL: Duration = Duration::from_secs(10);
 
     /// A cache whose answers are reused for `ttl`.
     pub fn new(ttl: Duration) -> NameCache {
@@ -280,17 +292,25 @@ impl NameCache {
     ) -> Option<String> {
         let now = Instant::now();
         let lock = || self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((name, at)) = lock().get(&addr)
-            && now.saturating_duration_since(*at) < self.ttl
+        if let Some((name, expires)) = lock().get(&addr)
+            && now < *expires
         {
             return name.clone();
         }
-        let name = verified_name(Arc::clone(resolver), addr, limit);
+        // A resolver that did not answer is asked again sooner: the name may be needed for
+        // access, and a short memory still keeps a dead resolver from costing a thread per
+        // connection.
+        let (name, ttl) = match look_up(Arc::clone(resolver), addr, limit) {
+            Ok(name) => (name, self.ttl),
+            Err(NoAnswer) => (None, self.ttl.min(Self::NO_ANSWER_TTL)),
+        };
         let mut entries = lock();
         if entries.len() >= Self::MAX_ENTRIES {
             entries.clear();
         }
-        entries.insert(addr, (name.clone(), now));
+        if let Some(expires) = now.checked_add(ttl) {
+            entries.insert(addr, (name.clone(), expires));
+        }
         name
     }
 }
@@ -461,6 +481,25 @@ mod tests {
         expired.verified_name(&resolver, addr, limit);
         expired.verified_name(&resolver, addr, limit);
         assert_eq!(counting.0.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn name_cache_remembers_a_silent_resolver_only_briefly() {
+        let slow: Arc<dyn Resolver> = Arc::new(Fake {
+            ptr: Some("slow.example.com"),
+            a: vec!["192.0.2.1".parse().unwrap()],
+            hang: Duration::from_secs(2),
+        });
+        let addr: IpAddr = "192.0.2.1".parse().unwrap();
+        let cache = NameCache::new(Duration::from_secs(3600));
+        let before = Instant::now();
+        assert_eq!(
+            cache.verified_name(&slow, addr, Duration::from_millis(50)),
+            None
+        );
+        let expires = cache.entries.lock().unwrap()[&addr].1;
+        assert!(expires <= before + NameCache::NO_ANSWER_TTL + Duration::from_secs(5));
+        assert!(expires > before + Duration::from_secs(1));
     }
 
     #[test]
