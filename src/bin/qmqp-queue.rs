@@ -4,6 +4,11 @@
 //! This file is the command-line shell: arguments, configuration (found as qmqpd finds it),
 //! logging, signals, the listing formats and the exit status. Claiming and delivering
 //! messages is `qmqpd::deliver`'s job.
+#![forbid(unsafe_code)]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 use std::ffi::OsString;
 use std::fs::File;

@@ -3,6 +3,11 @@
 //! `qmqpc [-s host[:port]] [-t SECONDS] -f sender [--] rcpt... < message`. Exit status: 0 on
 //! `K`, 65 on `D`, 75 on `Z` or when there is no valid answer, 64 on usage errors (sysexits).
 //! This file is only the command-line shell: the protocol is in `qmqpd::client`.
+#![forbid(unsafe_code)]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 use std::ffi::OsString;
 use std::fs::File;

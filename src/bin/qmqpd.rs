@@ -1,6 +1,11 @@
 //! The qmqpd process: arguments -> configuration -> logging -> privileges -> connection(s)
 //! -> exit status. Nothing but the protocol reply is ever written to the client; nothing is
 //! printed to stderr unless stderr is known not to be the client connection.
+#![forbid(unsafe_code)]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 use std::ffi::{CString, OsString};
 use std::io::{self, IsTerminal, Write};
