@@ -843,13 +843,7 @@ impl Deliverer {
             f.write_all(text.as_bytes())?;
             f.sync_data()
         };
-        write().map_err(|source| {
-            let _ = fs::remove_file(&tmp);
-            QueueError::Write {
-                path: tmp.clone(),
-                source,
-            }
-        })?;
+        write().map_err(|source| write_failed(&tmp, source))?;
         let to = self.sub(State::Failed).join(&name);
         rename(&tmp, &to)?;
         Ok(())
@@ -903,13 +897,7 @@ impl Deliverer {
             }
             Ok(())
         };
-        write().map_err(|source| {
-            let _ = fs::remove_file(&tmp);
-            QueueError::Write {
-                path: tmp.clone(),
-                source,
-            }
-        })?;
+        write().map_err(|source| write_failed(&tmp, source))?;
         rename(&tmp, &dir.join(&claim.name))?;
         sync_dir(dir)
     }
@@ -1190,6 +1178,15 @@ fn argv_batches(rcpts: &[&[u8]], limit: usize) -> Vec<std::ops::Range<usize>> {
         batches.push(start..rcpts.len());
     }
     batches
+}
+
+/// A `tmp/` file that could not be written whole: removed, and the error names it.
+fn write_failed(tmp: &Path, source: io::Error) -> QueueError {
+    let _ = fs::remove_file(tmp);
+    QueueError::Write {
+        path: tmp.to_path_buf(),
+        source,
+    }
 }
 
 fn open_message(path: &Path, envelope: &Envelope) -> io::Result<io::Take<BufReader<File>>> {

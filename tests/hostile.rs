@@ -93,21 +93,6 @@ impl Listener {
     fn exchange(&self, bytes: &[u8]) -> String {
         Listener::exchange_on(self.connect(), bytes)
     }
-
-    /// Entries of /proc/PID/<what> ("fd", "task").
-    fn count(&self, what: &str) -> usize {
-        std::fs::read_dir(format!("/proc/{}/{what}", self.server.pid()))
-            .unwrap()
-            .count()
-    }
-
-    /// A field of /proc/PID/status in KiB (VmRSS, VmHWM).
-    fn status_kib(&self, field: &str) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.server.pid())).unwrap();
-        let line = status.lines().find(|l| l.starts_with(field)).unwrap();
-        line.split_whitespace().nth(1).unwrap().parse().unwrap()
-    }
 }
 
 /// Polls `what` until it holds, for at most LIMIT; panics with `why` otherwise.
@@ -308,15 +293,15 @@ fn authorized_client_gets_k_through(
         "qmqpd_authorized_clients=127.0.0.2",
     ];
     let server = Listener::start(&q, &args);
-    let threads = server.count("task");
+    let threads = server.server.proc_count("task");
     // One message first: the listener keeps new/ open for its directory fsyncs from then on.
     let first = server.connect_from(Ipv4Addr::new(127, 0, 0, 2));
     let reply = Listener::exchange_on(first, &request(MESSAGE, b"s@x", &[b"r@x"]));
     assert!(reply.starts_with("KOk"), "{reply}");
     wait_until("the first connection's thread ends", || {
-        server.count("task") == threads
+        server.server.proc_count("task") == threads
     });
-    let fds = server.count("fd");
+    let fds = server.server.proc_count("fd");
     let streams: Vec<_> = (0..HOLDERS).map(|i| make(&server, i)).collect();
     let holders = Holders::start(streams);
     wait_until("every holder was accepted", || {
@@ -324,7 +309,7 @@ fn authorized_client_gets_k_through(
     });
     eprintln!(
         "{} threads with every slot held ({threads} when idle)",
-        server.count("task")
+        server.server.proc_count("task")
     );
 
     let started = Instant::now();
@@ -346,8 +331,12 @@ fn authorized_client_gets_k_through(
     } else {
         holders.close()
     };
-    wait_until("connection threads end", || server.count("task") == threads);
-    wait_until("connection fds closed", || server.count("fd") == fds);
+    wait_until("connection threads end", || {
+        server.server.proc_count("task") == threads
+    });
+    wait_until("connection fds closed", || {
+        server.server.proc_count("fd") == fds
+    });
     assert!(q.files("tmp").is_empty());
     (waited, closed)
 }
@@ -437,7 +426,7 @@ fn repeated_recipients_are_stored_in_constant_memory() {
     )
     .unwrap();
     assert_eq!(reply.status, qmqpd::client::Status::Ok, "{reply}");
-    let peak = server.status_kib("VmHWM:");
+    let peak = server.server.status_kib("VmHWM:");
     let file = QueueFile::read(&q.files("new")[0]);
     assert_eq!(
         file.recipients.len(),

@@ -15,13 +15,6 @@ use qmqpd::client::{self, Status};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
-/// Peak resident memory of a running process, in KiB (VmHWM from /proc/PID/status).
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 /// A message body generated on the fly, so the test does not hold it either.
 struct Generated {
     left: u64,
@@ -69,7 +62,7 @@ fn listen_peak_memory_stays_small_for_10mb_message_and_10000_recipients() {
     )
     .unwrap();
     assert_eq!(reply.status, Status::Ok, "{reply:?}");
-    let peak = peak_rss_kib(srv.pid());
+    let peak = srv.status_kib("VmHWM:");
     assert!(peak < 8 * 1024, "peak RSS {peak} KiB is not under 8 MiB");
     let files = q.files("new");
     assert_eq!(files.len(), 2);

@@ -24,37 +24,6 @@ const SPREAD: Duration = Duration::from_secs(60);
 const LIMIT: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(20);
 
-/// A qmqpd --listen we start ourselves, to read its /proc entries; killed on drop.
-struct Listener {
-    server: Server,
-    addr: SocketAddr,
-}
-
-impl Listener {
-    fn start(q: &TestQueue) -> Listener {
-        let server = Server::start(q, &[]);
-        Listener {
-            addr: server.addr,
-            server,
-        }
-    }
-
-    /// Entries of /proc/PID/<what> ("fd", "task").
-    fn count(&self, what: &str) -> usize {
-        std::fs::read_dir(format!("/proc/{}/{what}", self.server.pid()))
-            .unwrap()
-            .count()
-    }
-
-    /// A field of /proc/PID/status in KiB (VmRSS, VmHWM).
-    fn status_kib(&self, field: &str) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.server.pid())).unwrap();
-        let line = status.lines().find(|l| l.starts_with(field)).unwrap();
-        line.split_whitespace().nth(1).unwrap().parse().unwrap()
-    }
-}
-
 /// Sends one request and returns the reply payload ("" when the server sent nothing).
 fn send(addr: SocketAddr, bytes: &[u8]) -> String {
     let mut stream = TcpStream::connect(addr).unwrap();
@@ -102,7 +71,7 @@ type Accepted = BTreeMap<String, (usize, usize, usize)>;
 /// fast as they go). Returns the K'd IDs, every other reply, the RSS samples (ten a second)
 /// and how long the round took.
 fn run_round(
-    server: &Listener,
+    server: &Server,
     round: usize,
     spread: Duration,
 ) -> (Accepted, Vec<String>, Vec<u64>, Duration) {
@@ -157,8 +126,8 @@ fn run_round(
 /// figures.
 fn run_load(spread: Duration, rounds: usize) {
     let q = TestQueue::new();
-    let server = Listener::start(&q);
-    let threads_before = server.count("task");
+    let server = Server::start(&q, &[]);
+    let threads_before = server.proc_count("task");
     // One message first: from then on the listener keeps new/ open for its fsyncs.
     let warm = send(
         server.addr,
@@ -166,9 +135,9 @@ fn run_load(spread: Duration, rounds: usize) {
     );
     assert!(warm.starts_with("KOk"), "{warm}");
     wait_until("the warm-up thread ends", || {
-        server.count("task") == threads_before
+        server.proc_count("task") == threads_before
     });
-    let fds_before = server.count("fd");
+    let fds_before = server.proc_count("fd");
     let rss_before = server.status_kib("VmRSS:");
 
     let mut accepted = Accepted::new();
@@ -188,9 +157,11 @@ fn run_load(spread: Duration, rounds: usize) {
         accepted.extend(ids);
         // Nothing leaked: threads and fds back to where they were once the connections end.
         wait_until("connection threads end", || {
-            server.count("task") == threads_before
+            server.proc_count("task") == threads_before
         });
-        wait_until("connection fds closed", || server.count("fd") == fds_before);
+        wait_until("connection fds closed", || {
+            server.proc_count("fd") == fds_before
+        });
         let after = server.status_kib("VmRSS:");
         rss_after_round.push(after);
         eprintln!(

@@ -285,6 +285,27 @@ impl Server {
         self.child.id()
     }
 
+    /// Entries of /proc/PID/<what> ("fd", "task"): the server's open files or threads.
+    pub fn proc_count(&self, what: &str) -> usize {
+        std::fs::read_dir(format!("/proc/{}/{what}", self.pid()))
+            .expect("cannot read the server's /proc entry")
+            .count()
+    }
+
+    /// A field of /proc/PID/status in KiB ("VmRSS:", "VmHWM:"), read while the server runs.
+    pub fn status_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("cannot read the server's /proc status");
+        let line = status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .unwrap_or_else(|| panic!("no {field} in /proc status"));
+        line.split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("bad {field} line: {line}"))
+    }
+
     /// Kills the server with SIGKILL and reaps it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
