@@ -12,13 +12,10 @@
 
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
-use std::fmt;
-use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -27,8 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::client::{self, Status as ReplyStatus};
 use crate::logging::sanitize;
-use crate::netstring;
-use crate::queue::{self, Envelope};
+use crate::queue::{self, Claim, Envelope, Queue, QueueError, QueueFile, REASON_SUFFIX, State};
 use crate::session::verp_delimiters;
 
 /// Default `--timeout` for `--exec`: the longest a command may run (Postfix's
@@ -61,173 +57,6 @@ const OUTPUT_KEEP: usize = 512;
 const OUTPUT_GRACE: Duration = Duration::from_secs(1);
 /// Most passes over `new/` one `--once` run makes (each pass claims at least one message).
 const MAX_ONCE_PASSES: usize = 1000;
-/// Suffix of the file in `failed/` that records why a message failed.
-pub const REASON_SUFFIX: &str = ".reason";
-
-/// Where a message is in the queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum State {
-    /// Waiting in `new/` (new, or deferred until its mtime).
-    New,
-    /// Claimed by a deliverer in `cur/`.
-    Cur,
-    /// Given up in `failed/`.
-    Failed,
-}
-
-impl State {
-    /// The subdirectory of `queue_directory` that holds messages in this state.
-    pub fn dir_name(self) -> &'static str {
-        match self {
-            State::New => "new",
-            State::Cur => "cur",
-            State::Failed => "failed",
-        }
-    }
-}
-
-/// A queue-level failure: the queue cannot be read or a queue file cannot be moved or
-/// written. (Problems of one message are outcomes, not errors.)
-#[derive(Debug)]
-pub enum QueueError {
-    /// A queue directory cannot be read or created.
-    Dir { path: PathBuf, source: io::Error },
-    /// A queue file cannot be renamed or removed.
-    Move {
-        from: PathBuf,
-        to: Option<PathBuf>,
-        source: io::Error,
-    },
-    /// A queue file or reason file cannot be written.
-    Write { path: PathBuf, source: io::Error },
-}
-
-impl fmt::Display for QueueError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            QueueError::Dir { path, source } => {
-                write!(f, "cannot use directory \"{}\": {source}", path.display())
-            }
-            QueueError::Move {
-                from,
-                to: Some(to),
-                source,
-            } => write!(
-                f,
-                "cannot rename \"{}\" to \"{}\": {source}",
-                from.display(),
-                to.display()
-            ),
-            QueueError::Move {
-                from,
-                to: None,
-                source,
-            } => write!(f, "cannot remove \"{}\": {source}", from.display()),
-            QueueError::Write { path, source } => {
-                write!(f, "cannot write \"{}\": {source}", path.display())
-            }
-        }
-    }
-}
-
-impl std::error::Error for QueueError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            QueueError::Dir { source, .. }
-            | QueueError::Move { source, .. }
-            | QueueError::Write { source, .. } => Some(source),
-        }
-    }
-}
-
-/// One queue file found by [`list_messages`] or [`find_message`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Message {
-    /// The file name, `QUEUEID.HOSTNAME`.
-    pub name: OsString,
-    /// The queue ID: the file name up to its first dot.
-    pub queue_id: String,
-    /// Which directory it is in.
-    pub state: State,
-    /// Its full path.
-    pub path: PathBuf,
-}
-
-/// The queue ID part of a queue file name (up to the first dot), lossily decoded.
-pub fn queue_id_of(name: &OsStr) -> String {
-    let bytes = name.as_bytes();
-    let id = bytes.split(|&b| b == b'.').next().unwrap_or(bytes);
-    String::from_utf8_lossy(id).into_owned()
-}
-
-/// True for names that are queue files: not hidden, not a `failed/` reason file.
-fn is_queue_file_name(name: &OsStr) -> bool {
-    let bytes = name.as_bytes();
-    !bytes.is_empty() && !bytes.starts_with(b".") && !bytes.ends_with(REASON_SUFFIX.as_bytes())
-}
-
-/// The queue files in the given states, sorted by name (so by arrival) and then state.
-/// A missing state directory holds no messages; a missing `queue_dir` is an error.
-pub fn list_messages(queue_dir: &Path, states: &[State]) -> Result<Vec<Message>, QueueError> {
-    fs::metadata(queue_dir).map_err(|source| QueueError::Dir {
-        path: queue_dir.to_path_buf(),
-        source,
-    })?;
-    let mut out = Vec::new();
-    for &state in states {
-        let dir = queue_dir.join(state.dir_name());
-        let entries = match fs::read_dir(&dir) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            other => other.map_err(|source| QueueError::Dir {
-                path: dir.clone(),
-                source,
-            })?,
-        };
-        for entry in entries {
-            let entry = entry.map_err(|source| QueueError::Dir {
-                path: dir.clone(),
-                source,
-            })?;
-            let name = entry.file_name();
-            if !is_queue_file_name(&name) {
-                continue;
-            }
-            out.push(Message {
-                queue_id: queue_id_of(&name),
-                path: entry.path(),
-                name,
-                state,
-            });
-        }
-    }
-    out.sort_by(|a, b| (&a.name, a.state).cmp(&(&b.name, b.state)));
-    Ok(out)
-}
-
-/// The message whose queue ID or file name is `id`, looked for in `new/`, `cur/` and
-/// `failed/`; `None` when there is none. An `id` holding `/` or starting with `.` matches
-/// nothing.
-pub fn find_message(queue_dir: &Path, id: &str) -> Result<Option<Message>, QueueError> {
-    if id.is_empty() || id.starts_with('.') || id.contains('/') {
-        return Ok(None);
-    }
-    let all = list_messages(queue_dir, &[State::New, State::Cur, State::Failed])?;
-    Ok(all
-        .into_iter()
-        .find(|m| m.queue_id == id || m.name.as_bytes() == id.as_bytes()))
-}
-
-/// The reason recorded beside a message in `failed/`, if any.
-pub fn failure_reason(message: &Message) -> Option<String> {
-    if message.state != State::Failed {
-        return None;
-    }
-    let mut path = message.path.clone().into_os_string();
-    path.push(REASON_SUFFIX);
-    fs::read(path)
-        .ok()
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-}
 
 /// The envelope sender for one recipient of a VERP sender, the qmail way: `prefix-@host-@[]`
 /// and `user@domain` give `prefix-user=domain@host`. `None` when `sender` is not a VERP
@@ -449,11 +278,6 @@ fn unix_secs(t: SystemTime) -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// Whether the next attempt time (mtime) of a file in `new/` has come.
-fn is_due(modified: io::Result<SystemTime>, now: SystemTime) -> bool {
-    modified.map_or(true, |m| m <= now)
-}
-
 /// How long a message deferred at `now` waits before its next attempt: its age in the
 /// queue, at least `min` and at most `max` (so the waits grow as the message ages).
 pub fn backoff(arrival: Option<f64>, now: SystemTime, min: Duration, max: Duration) -> Duration {
@@ -462,51 +286,6 @@ pub fn backoff(arrival: Option<f64>, now: SystemTime, min: Duration, max: Durati
         .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
         .unwrap_or_default();
     age.min(max).max(min)
-}
-
-/// Creates `path` (mode 0750) and its parents when missing.
-fn create_dir(path: &Path) -> Result<(), QueueError> {
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o750)
-        .create(path)
-        .map_err(|source| QueueError::Dir {
-            path: path.to_path_buf(),
-            source,
-        })
-}
-
-/// fsync of a directory, so renames into it survive a crash.
-fn sync_dir(path: &Path) -> Result<(), QueueError> {
-    File::open(path)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| QueueError::Dir {
-            path: path.to_path_buf(),
-            source,
-        })
-}
-
-/// Renames `from` to `to`; `Ok(false)` when `from` no longer exists.
-fn rename(from: &Path, to: &Path) -> Result<bool, QueueError> {
-    match fs::rename(from, to) {
-        Ok(()) => Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-        Err(source) => Err(QueueError::Move {
-            from: from.to_path_buf(),
-            to: Some(to.to_path_buf()),
-            source,
-        }),
-    }
-}
-
-/// A message this deliverer holds in `cur/`.
-struct Claim {
-    name: OsString,
-    queue_id: String,
-    /// `cur/NAME`.
-    path: PathBuf,
-    /// The open queue file, for refreshing its mtime while a command runs.
-    file: File,
 }
 
 /// One recipient's verdict (by index into the envelope's recipients).
@@ -518,7 +297,7 @@ struct RecipientVerdict {
 /// Delivers messages out of one queue directory; several may run at once, in one process
 /// or many.
 pub struct Deliverer {
-    dir: PathBuf,
+    queue: Queue,
     opts: Options,
     /// Messages this deliverer deferred: a `--once` run does not try them again.
     deferred: HashSet<OsString>,
@@ -534,48 +313,20 @@ pub struct Pass {
 impl Deliverer {
     /// A deliverer for `queue_dir`; creates `tmp/`, `new/`, `cur/` and `failed/` when missing.
     pub fn new(queue_dir: &Path, opts: Options) -> Result<Deliverer, QueueError> {
-        for sub in ["tmp", "new", "cur", "failed"] {
-            create_dir(&queue_dir.join(sub))?;
-        }
+        // A deliverer makes no new queue file names: the host part is never used.
+        let queue = Queue::new(queue_dir, "");
+        queue.create_all_dirs()?;
         Ok(Deliverer {
-            dir: queue_dir.to_path_buf(),
+            queue,
             opts,
             deferred: HashSet::new(),
         })
     }
 
-    fn sub(&self, state: State) -> PathBuf {
-        self.dir.join(state.dir_name())
-    }
-
     /// Takes claims in `cur/` untouched for `stale_time` back into `new/` (their deliverer
     /// died); returns how many.
     pub fn take_back_stale(&self, now: SystemTime) -> Result<usize, QueueError> {
-        let stale = self.opts.stale_time;
-        let mut taken = 0;
-        for message in list_messages(&self.dir, &[State::Cur])? {
-            let Ok(meta) = fs::symlink_metadata(&message.path) else {
-                continue;
-            };
-            let old = meta
-                .modified()
-                .ok()
-                .and_then(|m| now.duration_since(m).ok())
-                .map_or(stale.is_zero(), |age| age >= stale);
-            if !old || !meta.is_file() {
-                continue;
-            }
-            let to = self.sub(State::New).join(&message.name);
-            if rename(&message.path, &to)? {
-                log::warn!(
-                    "{}: stale claim in cur/ (untouched for {}s or more): back to new/",
-                    message.queue_id,
-                    stale.as_secs()
-                );
-                taken += 1;
-            }
-        }
-        Ok(taken)
+        self.queue.take_back_stale(self.opts.stale_time, now)
     }
 
     /// One pass over `new/`: claims each message that is due, oldest first, and delivers it.
@@ -584,7 +335,7 @@ impl Deliverer {
     pub fn deliver_pass(&mut self, once: bool, stop: &AtomicBool) -> Result<Pass, QueueError> {
         let now = SystemTime::now();
         let mut pass = Pass::default();
-        for message in list_messages(&self.dir, &[State::New])? {
+        for message in queue::list_messages(self.queue.dir(), &[State::New])? {
             if stop.load(Ordering::SeqCst) {
                 break;
             }
@@ -592,7 +343,8 @@ impl Deliverer {
             if once && retried {
                 continue;
             }
-            let Some(claim) = self.claim(&message, !retried && self.opts.flush, now)? else {
+            let ignore_due = !retried && self.opts.flush;
+            let Some(claim) = self.queue.claim(&message, ignore_due, now)? else {
                 continue;
             };
             pass.claimed += 1;
@@ -615,55 +367,6 @@ impl Deliverer {
             claimed += pass.claimed;
         }
         Ok(claimed)
-    }
-
-    /// Claims `message` by renaming it into `cur/`, after checking (on the open file, so a
-    /// deferral by another deliverer since the directory was read is seen) that it is due,
-    /// and marking it fresh so no one takes it back as stale. `None`: not due, or another
-    /// deliverer was faster.
-    fn claim(
-        &self,
-        message: &Message,
-        ignore_due: bool,
-        now: SystemTime,
-    ) -> Result<Option<Claim>, QueueError> {
-        // Not through a symbolic link: only qmqpd's own files are delivered.
-        let opened = OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(&message.path);
-        let file = match opened {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => {
-                log::warn!("cannot open {}: {e}", message.path.display());
-                return Ok(None);
-            }
-        };
-        let meta = match file.metadata() {
-            Ok(meta) if meta.is_file() => meta,
-            Ok(_) => return Ok(None),
-            Err(e) => {
-                log::warn!("cannot stat {}: {e}", message.path.display());
-                return Ok(None);
-            }
-        };
-        if !ignore_due && !is_due(meta.modified(), now) {
-            return Ok(None);
-        }
-        if let Err(e) = file.set_modified(now) {
-            log::debug!("cannot touch {}: {e}", message.path.display());
-        }
-        let path = self.sub(State::Cur).join(&message.name);
-        if !rename(&message.path, &path)? {
-            return Ok(None);
-        }
-        Ok(Some(Claim {
-            name: message.name.clone(),
-            queue_id: message.queue_id.clone(),
-            path,
-            file,
-        }))
     }
 
     /// Delivers one claimed message and disposes of its queue file.
@@ -761,11 +464,7 @@ impl Deliverer {
         let retry_at = now + backoff(arrival, now, self.opts.min_backoff, self.opts.max_backoff);
         let all = envelope.recipients.len();
         if deferred.is_empty() && bounced.is_empty() {
-            fs::remove_file(&claim.path).map_err(|source| QueueError::Move {
-                from: claim.path.clone(),
-                to: None,
-                source,
-            })?;
+            queue::remove(&claim.path)?;
             self.deferred.remove(&claim.name);
             log::info!("{}: removed", claim.queue_id);
             return Ok(());
@@ -779,9 +478,8 @@ impl Deliverer {
         // Mixed outcomes (VERP runs one command per recipient): keep only the recipients
         // that are not done, in new copies, before the claim goes.
         if !bounced.is_empty() {
-            let failed = self.sub(State::Failed);
             self.write_reason(&claim, &failed_lines)?;
-            self.write_subset(&claim, envelope, &bounced, &failed, None)?;
+            self.write_subset(&claim, envelope, &bounced, State::Failed, None)?;
             log::info!(
                 "{}: {} of {} recipients moved to failed/",
                 claim.queue_id,
@@ -790,8 +488,7 @@ impl Deliverer {
             );
         }
         if !deferred.is_empty() {
-            let new = self.sub(State::New);
-            self.write_subset(&claim, envelope, &deferred, &new, Some(retry_at))?;
+            self.write_subset(&claim, envelope, &deferred, State::New, Some(retry_at))?;
             self.deferred.insert(claim.name.clone());
             log::info!(
                 "{}: {} of {} recipients deferred",
@@ -800,11 +497,7 @@ impl Deliverer {
                 all
             );
         }
-        fs::remove_file(&claim.path).map_err(|source| QueueError::Move {
-            from: claim.path.clone(),
-            to: None,
-            source,
-        })
+        queue::remove(&claim.path)
     }
 
     /// Back into `new/`, with `retry_at` as its next attempt time.
@@ -812,8 +505,8 @@ impl Deliverer {
         if let Err(e) = claim.file.set_modified(retry_at) {
             log::debug!("cannot set the retry time of {}: {e}", claim.path.display());
         }
-        let to = self.sub(State::New).join(&claim.name);
-        rename(&claim.path, &to)?;
+        let to = self.queue.path(State::New, &claim.name);
+        queue::rename(&claim.path, &to)?;
         self.deferred.insert(claim.name.clone());
         Ok(())
     }
@@ -821,14 +514,14 @@ impl Deliverer {
     /// Into `failed/`, the reason first so that a failed message always has one.
     fn move_to_failed(&mut self, claim: &Claim, lines: &[String]) -> Result<(), QueueError> {
         self.write_reason(claim, lines)?;
-        let to = self.sub(State::Failed).join(&claim.name);
-        rename(&claim.path, &to)?;
+        let to = self.queue.path(State::Failed, &claim.name);
+        queue::rename(&claim.path, &to)?;
         self.deferred.remove(&claim.name);
         log::info!("{}: moved to failed/", claim.queue_id);
         Ok(())
     }
 
-    /// Writes `failed/NAME.reason` (via `tmp/`): one line per failed recipient.
+    /// Writes `failed/NAME.reason` durably (via `tmp/`): one line per failed recipient.
     fn write_reason(&self, claim: &Claim, lines: &[String]) -> Result<(), QueueError> {
         let mut name = claim.name.clone();
         name.push(REASON_SUFFIX);
@@ -837,69 +530,47 @@ impl Deliverer {
             text.push_str(line);
             text.push('\n');
         }
-        let tmp = self.sub_tmp(&name, ".reason-tmp");
-        let write = || -> io::Result<()> {
-            let mut f = create_new(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_data()
-        };
-        write().map_err(|source| write_failed(&tmp, source))?;
-        let to = self.sub(State::Failed).join(&name);
-        rename(&tmp, &to)?;
-        Ok(())
-    }
-
-    /// `tmp/NAME` plus a suffix naming what it is for.
-    fn sub_tmp(&self, name: &OsStr, suffix: &str) -> PathBuf {
-        let mut tmp_name = name.to_os_string();
-        tmp_name.push(suffix);
-        self.dir.join("tmp").join(tmp_name)
+        self.write_file(&name, ".reason-tmp", State::Failed, None, |f| {
+            f.write_all(text.as_bytes())
+        })
     }
 
     /// Writes a copy of the claimed file holding only the recipients at `keep` into
-    /// `dir/NAME` durably (via `tmp/`, fsync, rename, fsync of `dir`), with `mtime` when
-    /// given.
+    /// `STATE/NAME` durably, with `mtime` when given.
     fn write_subset(
         &self,
         claim: &Claim,
         envelope: &Envelope,
         keep: &[usize],
-        dir: &Path,
+        state: State,
         mtime: Option<SystemTime>,
     ) -> Result<(), QueueError> {
-        let tmp = self.sub_tmp(&claim.name, ".split-tmp");
+        self.write_file(&claim.name, ".split-tmp", state, mtime, |f| {
+            queue::write_subset(&claim.path, envelope, keep, f)
+        })
+    }
+
+    /// Creates `STATE/NAME` through `tmp/NAME` + `tmp_suffix` with the queue's durable create;
+    /// `fill` writes its contents. A file that cannot be written whole is removed.
+    fn write_file(
+        &self,
+        name: &OsStr,
+        tmp_suffix: &str,
+        state: State,
+        mtime: Option<SystemTime>,
+        fill: impl FnOnce(&mut QueueFile) -> io::Result<()>,
+    ) -> Result<(), QueueError> {
+        let mut tmp_name = name.to_os_string();
+        tmp_name.push(tmp_suffix);
         let write = || -> io::Result<()> {
-            let out = create_new(&tmp)?;
-            let mut wtr = io::BufWriter::with_capacity(64 * 1024, &out);
-            // The attributes and message netstrings (up to the message's comma), as they are.
-            let copy_len = envelope
-                .message_offset
-                .checked_add(envelope.message_len)
-                .and_then(|end| end.checked_add(1))
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "bad message length"))?;
-            let mut src = File::open(&claim.path)?;
-            src.seek(SeekFrom::Start(0))?;
-            let copied = io::copy(&mut (&mut src).take(copy_len), &mut wtr)?;
-            if copied != copy_len {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            netstring::write_netstring(&mut wtr, &envelope.sender)?;
-            for &i in keep {
-                if let Some(rcpt) = envelope.recipients.get(i) {
-                    netstring::write_netstring(&mut wtr, rcpt)?;
-                }
-            }
-            wtr.flush()?;
-            drop(wtr);
-            out.sync_data()?;
-            if let Some(t) = mtime {
-                out.set_modified(t)?;
-            }
-            Ok(())
+            let mut file = self.queue.create_in(&tmp_name, state, name)?;
+            fill(&mut file)?;
+            file.commit_at(mtime)
         };
-        write().map_err(|source| write_failed(&tmp, source))?;
-        rename(&tmp, &dir.join(&claim.name))?;
-        sync_dir(dir)
+        write().map_err(|source| QueueError::Write {
+            path: self.queue.dir().join("tmp").join(&tmp_name),
+            source,
+        })
     }
 
     /// Runs the command once for all recipients, or once per recipient for a VERP sender.
@@ -955,7 +626,7 @@ impl Deliverer {
         }
         // Opened before the command starts: a command must never see an empty or cut
         // message because the queue file could not be read.
-        let mut message = match open_message(&claim.path, envelope) {
+        let mut message = match queue::open_message(&claim.path, envelope) {
             Ok(message) => message,
             Err(e) => {
                 return Verdict::new(Status::Deferred, format!("cannot read queue file: {e}"));
@@ -1126,7 +797,7 @@ impl Deliverer {
             Ok(addr) => format!("{host}[{}]:{}", addr.ip(), addr.port()),
             Err(_) => server.to_string(),
         };
-        let mut message = match open_message(&claim.path, envelope) {
+        let mut message = match queue::open_message(&claim.path, envelope) {
             Ok(message) => message,
             Err(e) => {
                 return (
@@ -1154,7 +825,6 @@ impl Deliverer {
     }
 }
 
-/// Opens a queue file at its message, reading exactly the message's bytes.
 /// The most bytes of recipient arguments one `--exec` run gets (Linux allows 2 MiB of
 /// arguments and environment together; this leaves room for the environment).
 const ARGV_BATCH_BYTES: usize = 256 * 1024;
@@ -1178,35 +848,6 @@ fn argv_batches(rcpts: &[&[u8]], limit: usize) -> Vec<std::ops::Range<usize>> {
         batches.push(start..rcpts.len());
     }
     batches
-}
-
-/// A `tmp/` file that could not be written whole: removed, and the error names it.
-fn write_failed(tmp: &Path, source: io::Error) -> QueueError {
-    let _ = fs::remove_file(tmp);
-    QueueError::Write {
-        path: tmp.to_path_buf(),
-        source,
-    }
-}
-
-fn open_message(path: &Path, envelope: &Envelope) -> io::Result<io::Take<BufReader<File>>> {
-    let mut file = File::open(path)?;
-    file.seek(SeekFrom::Start(envelope.message_offset))?;
-    Ok(BufReader::with_capacity(64 * 1024, file).take(envelope.message_len))
-}
-
-/// Creates a new file (mode 0600), failing if it exists.
-fn create_new(path: &Path) -> io::Result<File> {
-    // A leftover from a crash would make create_new fail forever: remove it first.
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
 }
 
 /// Reads a command's output until end of file, keeping the first [`OUTPUT_KEEP`] bytes
@@ -1241,6 +882,9 @@ fn kill_group(pid: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::netstring;
+    use crate::queue::{failure_reason, list_messages};
+    use std::fs::{self, File};
 
     fn exit(code: i32) -> ExitStatus {
         ExitStatus::from_raw(code << 8)
@@ -1372,36 +1016,6 @@ mod tests {
         assert_eq!(format_delay(250.6), "251");
     }
 
-    #[test]
-    fn queue_id_of_stops_at_first_dot() {
-        assert_eq!(queue_id_of(OsStr::new("ABC.host.example")), "ABC");
-        assert_eq!(queue_id_of(OsStr::new("ABC")), "ABC");
-    }
-
-    #[test]
-    fn list_messages_sorts_and_skips_reason_and_hidden_files() {
-        let dir = tempfile::tempdir().unwrap();
-        for sub in ["new", "cur", "failed"] {
-            fs::create_dir(dir.path().join(sub)).unwrap();
-        }
-        fs::write(dir.path().join("new/B.h"), b"").unwrap();
-        fs::write(dir.path().join("cur/A.h"), b"").unwrap();
-        fs::write(dir.path().join("failed/C.h"), b"").unwrap();
-        fs::write(dir.path().join("failed/C.h.reason"), b"why").unwrap();
-        fs::write(dir.path().join("new/.hidden"), b"").unwrap();
-        let all = list_messages(dir.path(), &[State::New, State::Cur, State::Failed]).unwrap();
-        let names: Vec<_> = all.iter().map(|m| (m.queue_id.as_str(), m.state)).collect();
-        assert_eq!(
-            names,
-            [("A", State::Cur), ("B", State::New), ("C", State::Failed)]
-        );
-        let c = find_message(dir.path(), "C").unwrap().unwrap();
-        assert_eq!(failure_reason(&c).as_deref(), Some("why"));
-        assert!(find_message(dir.path(), "C.h").unwrap().is_some());
-        assert!(find_message(dir.path(), "../new/B.h").unwrap().is_none());
-        assert!(find_message(dir.path(), "D").unwrap().is_none());
-    }
-
     /// A deliverer whose command always succeeds, over a fresh queue.
     fn deliverer(dir: &Path, stale_time: Duration) -> Deliverer {
         let mut opts = Options::new(Target::Exec("cat >/dev/null".into()));
@@ -1469,31 +1083,5 @@ mod tests {
                 .claimed,
             0
         );
-    }
-
-    #[test]
-    fn take_back_stale_moves_only_old_claims() {
-        let dir = tempfile::tempdir().unwrap();
-        let d = deliverer(dir.path(), Duration::from_secs(3600));
-        fs::write(dir.path().join("cur/OLD.h"), b"x").unwrap();
-        fs::write(dir.path().join("cur/FRESH.h"), b"x").unwrap();
-        let old = SystemTime::now() - Duration::from_secs(7200);
-        File::open(dir.path().join("cur/OLD.h"))
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
-        assert_eq!(d.take_back_stale(SystemTime::now()).unwrap(), 1);
-        assert!(dir.path().join("new/OLD.h").exists());
-        assert!(dir.path().join("cur/FRESH.h").exists());
-        let all = deliverer(dir.path(), Duration::ZERO);
-        assert_eq!(all.take_back_stale(SystemTime::now()).unwrap(), 1);
-        assert!(dir.path().join("new/FRESH.h").exists());
-    }
-
-    #[test]
-    fn list_messages_rejects_missing_queue_but_not_missing_state_dirs() {
-        let dir = tempfile::tempdir().unwrap();
-        assert!(list_messages(dir.path(), &[State::New]).unwrap().is_empty());
-        assert!(list_messages(&dir.path().join("nope"), &[State::New]).is_err());
     }
 }

@@ -10,7 +10,8 @@
 //! - `netstring`: bounded netstring codec over `Read`/`Write`
 //! - `reply`: K/Z/D replies and the one table from error to reply
 //! - `message`: our Received: header, the From_ line, hop count and Message-ID
-//! - `queue`: queue IDs, tmp -> fsync -> new -> fsync dir, the queue file reader
+//! - `queue`: the queue family: layout and states, IDs and names, the mode rule, durable
+//!   create (tmp -> fdatasync -> rename -> fsync dir), the queue file format, scan and claim
 //! - `session`: one QMQP transaction over any `Read + Write`
 //! - `config`: main.cf parsing and typed parameters
 //! - `access`: Postfix match lists (`qmqpd_authorized_clients`, `debug_peer_list`)

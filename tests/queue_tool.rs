@@ -798,3 +798,84 @@ fn deliver_exec_splits_a_huge_recipient_list_into_several_runs() {
         "{id} delivered"
     );
 }
+
+/// Issue 11, item 8: in a set-group-ID queue every file qmqpd and qmqp-queue create follows
+/// one mode rule (0640, the directory's group), split copies and `.reason` files included,
+/// so after a mixed outcome a member of the queue's group can still `list` and `show` all.
+#[test]
+fn deliver_mixed_outcome_keeps_every_file_group_readable_in_a_setgid_queue() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+    let q = TestQueue::new();
+    for sub in ["", "tmp", "new", "cur", "failed"] {
+        let dir = q.queue_dir().join(sub);
+        fs::create_dir_all(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o2750)).unwrap();
+    }
+    let rec = Recorder::new();
+    let path = submit(
+        &q,
+        MESSAGE,
+        b"list-@lists.example.org-@[]",
+        &[b"a@x.example", b"temp@y.example", b"perm@z.example"],
+    );
+    deliver_once(&q, &["--exec", &rec.command()]);
+    let name = name_of(&path);
+    let files = [
+        q.queue_dir().join("new").join(&name),
+        q.queue_dir().join("failed").join(&name),
+        q.queue_dir().join("failed").join(format!("{name}.reason")),
+    ];
+    for file in &files {
+        let mode = fs::metadata(file).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o640, "{} has mode {mode:o}", file.display());
+    }
+    assert_eq!(q.files("new").len(), 1);
+    assert_eq!(q.files("failed").len(), 2);
+
+    // A member of the queue's group who does not own the files (needs root to set up).
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped the non-owner part: not running as root");
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let group = 65533;
+    let chown = |p: &Path| nix::unistd::chown(p, None, Some(nix::unistd::Gid::from_raw(group)));
+    chown(&q.queue_dir()).unwrap();
+    for sub in ["tmp", "new", "cur", "failed"] {
+        chown(&q.queue_dir().join(sub)).unwrap();
+        for file in q.files(sub) {
+            chown(&file).unwrap();
+        }
+    }
+    fs::set_permissions(q.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    for file in &files {
+        assert_eq!(fs::metadata(file).unwrap().gid(), group);
+    }
+    let as_member = |args: &[&str]| {
+        let mut cmd = queue_tool(&q);
+        cmd.args(args).uid(NOBODY).gid(group);
+        run_bounded(&mut cmd, b"", LIMIT)
+    };
+    let listed = as_member(&["list"]);
+    assert_eq!(listed.status.code(), Some(0), "{}", describe(&listed));
+    assert!(
+        text(&listed.stdout).contains(&id_of(&path)),
+        "{}",
+        describe(&listed)
+    );
+    // `show` finds the deferred copy in new/ first; once it is gone, the failed one.
+    let shown = as_member(&["show", &id_of(&path)]);
+    assert_eq!(shown.status.code(), Some(0), "{}", describe(&shown));
+    assert!(
+        text(&shown.stdout).contains("state: new\n"),
+        "{}",
+        describe(&shown)
+    );
+    fs::remove_file(&files[0]).unwrap();
+    let shown = as_member(&["show", &id_of(&path)]);
+    assert_eq!(shown.status.code(), Some(0), "{}", describe(&shown));
+    let out = text(&shown.stdout);
+    assert!(out.contains("state: failed\n"), "{out}");
+    assert!(out.contains("reason: to=<perm@z.example>"), "{out}");
+}

@@ -22,9 +22,9 @@ use std::time::{Duration, Instant, SystemTime};
 use nix::sys::signal::{SigSet, Signal};
 
 use qmqpd::config::{self, Source};
-use qmqpd::deliver::{self, Deliverer, Message, Options, State, Target};
+use qmqpd::deliver::{Deliverer, Options, Target};
 use qmqpd::logging::{self, LogSetup};
-use qmqpd::queue::{self, Envelope};
+use qmqpd::queue::{self, Envelope, Message, QueueError, State};
 
 const USAGE: &str = "usage: qmqp-queue [-c config_dir] [-o name=value]... [-v]... command
 commands:
@@ -464,7 +464,7 @@ fn output_status(result: io::Result<()>) -> Option<u8> {
 
 /// `list`: the messages in `new/` and `cur/`, oldest first, and a total.
 fn list(queue_dir: &Path, json: bool) -> u8 {
-    let messages = match deliver::list_messages(queue_dir, &[State::New, State::Cur]) {
+    let messages = match queue::list_messages(queue_dir, &[State::New, State::Cur]) {
         Ok(messages) => messages,
         Err(e) => {
             let _ = writeln!(io::stderr(), "qmqp-queue: fatal: {e}");
@@ -525,7 +525,7 @@ fn list(queue_dir: &Path, json: bool) -> u8 {
 fn show(queue_dir: &Path, id: &str) -> u8 {
     // A message can move between directories while we look (claimed, deferred): look again.
     for _attempt in 0..3 {
-        let message = match deliver::find_message(queue_dir, id) {
+        let message = match queue::find_message(queue_dir, id) {
             Ok(Some(m)) => m,
             Ok(None) => {
                 let _ = writeln!(
@@ -607,7 +607,7 @@ fn write_show<W: Write>(
     for rcpt in &env.recipients {
         writeln!(out, "recipient: <{}>", escape(rcpt))?;
     }
-    if let Some(reason) = deliver::failure_reason(message) {
+    if let Some(reason) = queue::failure_reason(message) {
         for line in reason.lines() {
             writeln!(out, "reason: {}", escape(line.as_bytes()))?;
         }
@@ -696,11 +696,7 @@ fn deliver(queue_dir: &Path, args: &DeliverArgs) -> u8 {
     }
 }
 
-fn run_deliver(
-    queue_dir: &Path,
-    args: &DeliverArgs,
-    stop: &Stop,
-) -> Result<(), deliver::QueueError> {
+fn run_deliver(queue_dir: &Path, args: &DeliverArgs, stop: &Stop) -> Result<(), QueueError> {
     let mut deliverer = Deliverer::new(queue_dir, args.options())?;
     let via = match &args.target {
         Target::Exec(command) => format!("exec {}", command),
@@ -793,7 +789,7 @@ mod tests {
         let d = deliver_args(&["deliver", "--relay", "127.0.0.1:6280"]);
         assert_eq!(d.target, Target::Relay("127.0.0.1:6280".into()));
         assert_eq!(d.interval, DEFAULT_INTERVAL);
-        assert_eq!(d.options().timeout, deliver::DEFAULT_RELAY_TIMEOUT);
+        assert_eq!(d.options().timeout, qmqpd::deliver::DEFAULT_RELAY_TIMEOUT);
     }
 
     #[test]
