@@ -21,7 +21,7 @@
 //! - `server`: one connection from identification to reply, and the accept loop
 //! - `date`: UTC dates for the Received: header and log lines
 //! - `client`: the QMQP client used by `qmqpc`, `qmqp-queue` and the tests
-//! - `deliver`: `qmqp-queue`'s consumer: list, show and deliver queue files
+//! - `deliver`: `qmqp-queue`'s deliverer: claim, run (`--exec`, `--relay`) and dispose
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),

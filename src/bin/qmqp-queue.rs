@@ -2,8 +2,8 @@
 //!
 //! `qmqp-queue [-c DIR] [-o name=value]... [-v]... list [--json] | show ID | deliver ...`.
 //! This file is the command-line shell: arguments, configuration (found as qmqpd finds it),
-//! logging, signals, the listing formats and the exit status. Claiming and delivering
-//! messages is `qmqpd::deliver`'s job.
+//! logging, signals and the exit status. The listings are `qmqpd::queue::listing`'s;
+//! claiming and delivering messages is `qmqpd::deliver`'s job.
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
@@ -11,8 +11,7 @@
 )]
 
 use std::ffi::OsString;
-use std::fs::File;
-use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,7 +23,8 @@ use nix::sys::signal::{SigSet, Signal};
 use qmqpd::config::{self, Source};
 use qmqpd::deliver::{Deliverer, Options, Target};
 use qmqpd::logging::{self, LogSetup};
-use qmqpd::queue::{self, Envelope, Message, QueueError, State};
+use qmqpd::queue::QueueError;
+use qmqpd::queue::listing::{self, Listed};
 
 const USAGE: &str = "usage: qmqp-queue [-c config_dir] [-o name=value]... [-v]... command
 commands:
@@ -292,11 +292,21 @@ fn run() -> u8 {
         Cmd::Help => EXIT_OK,
         Cmd::List { json } => {
             warn_on_stderr(&cfg.warnings);
-            list(&queue_dir, *json)
+            listed_status(listing::list(
+                &queue_dir,
+                *json,
+                io::stdout().lock(),
+                &mut io::stderr(),
+            ))
         }
         Cmd::Show { id } => {
             warn_on_stderr(&cfg.warnings);
-            show(&queue_dir, id)
+            listed_status(listing::show(
+                &queue_dir,
+                id,
+                io::stdout().lock(),
+                &mut io::stderr(),
+            ))
         }
         Cmd::Deliver(d) => {
             let setup = LogSetup {
@@ -330,298 +340,14 @@ fn warn_on_stderr(warnings: &[String]) {
     }
 }
 
-/// Shows bytes from a file for a terminal: UTF-8 kept, control characters and invalid bytes
-/// escaped (`\n`, `\xNN`), nothing cut.
-fn escape(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len());
-    for chunk in bytes.utf8_chunks() {
-        for c in chunk.valid().chars() {
-            match c {
-                '\n' => out.push_str("\\n"),
-                '\r' => out.push_str("\\r"),
-                '\t' => out.push_str("\\t"),
-                c if c.is_control() || c == '\u{2028}' || c == '\u{2029}' => {
-                    let mut utf8 = [0u8; 4];
-                    for b in c.encode_utf8(&mut utf8).bytes() {
-                        out.push_str(&format!("\\x{b:02x}"));
-                    }
-                }
-                c => out.push(c),
-            }
-        }
-        for b in chunk.invalid() {
-            out.push_str(&format!("\\x{b:02x}"));
-        }
+/// The exit status for how a `list` or `show` ended.
+fn listed_status(end: Listed) -> u8 {
+    match end {
+        Listed::Done => EXIT_OK,
+        Listed::NoSuchMessage => EXIT_NO_MESSAGE,
+        Listed::Unreadable => EXIT_IOERR,
+        Listed::KeepsMoving => EXIT_TEMPFAIL,
     }
-    out
-}
-
-/// A JSON string literal for bytes (invalid UTF-8 becomes U+FFFD).
-fn json_string(bytes: &[u8]) -> String {
-    let text = String::from_utf8_lossy(bytes);
-    let mut out = String::with_capacity(text.len() + 2);
-    out.push('"');
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if u32::from(c) < 0x20 || c == '\u{7f}' => {
-                out.push_str(&format!("\\u{:04x}", u32::from(c)));
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-/// `arrival_time` (`secs.micros`) as an ISO 8601 UTC date, or None when it is not one.
-fn arrival_date(value: &str) -> Option<String> {
-    let secs_text = value.split('.').next()?;
-    if secs_text.is_empty() || !secs_text.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let secs: i64 = secs_text.parse().ok()?;
-    let c = qmqpd::date::civil(secs);
-    Some(format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-        c.year, c.month, c.day, c.hour, c.minute, c.second
-    ))
-}
-
-/// `arrival_time` when it is a plain decimal number (for JSON), else None.
-fn arrival_number(value: &str) -> Option<&str> {
-    let mut parts = value.splitn(2, '.');
-    let whole = parts.next()?;
-    let frac = parts.next();
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    (digits(whole) && frac.is_none_or(digits)).then_some(value)
-}
-
-/// One `list` line for people.
-fn list_line(m: &Message, env: &Envelope) -> String {
-    let arrival = env
-        .attributes
-        .get("arrival_time")
-        .and_then(arrival_date)
-        .unwrap_or_else(|| "-".into());
-    format!(
-        "{:<18} {:<4} {:>10} {:<20} {:>5}  <{}>",
-        m.queue_id,
-        m.state.dir_name(),
-        env.message_len,
-        arrival,
-        env.recipients.len(),
-        escape(&env.sender)
-    )
-}
-
-/// One `list --json` line: an object per message.
-fn json_line(m: &Message, env: &Envelope) -> String {
-    let arrival = env
-        .attributes
-        .get("arrival_time")
-        .and_then(arrival_number)
-        .unwrap_or("null");
-    let recipients: Vec<String> = env.recipients.iter().map(|r| json_string(r)).collect();
-    format!(
-        "{{\"queue_id\":{},\"file\":{},\"state\":\"{}\",\"arrival_time\":{},\"size\":{},\"sender\":{},\"nrcpt\":{},\"recipients\":[{}]}}",
-        json_string(m.queue_id.as_bytes()),
-        json_string(m.name.as_encoded_bytes()),
-        m.state.dir_name(),
-        arrival,
-        env.message_len,
-        json_string(&env.sender),
-        env.recipients.len(),
-        recipients.join(",")
-    )
-}
-
-/// The `list` total line, in `mailq`'s words.
-fn total_line(count: usize, bytes: u64) -> String {
-    if count == 0 {
-        return "Mail queue is empty".into();
-    }
-    let kbytes = bytes.div_ceil(1024);
-    let plural = if count == 1 { "" } else { "s" };
-    format!("-- {kbytes} Kbytes in {count} Request{plural}.")
-}
-
-/// Ends a listing: a closed pipe (`| head`) is not an error worth a message.
-fn output_status(result: io::Result<()>) -> Option<u8> {
-    match result {
-        Ok(()) => None,
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Some(EXIT_OK),
-        Err(e) => {
-            let _ = writeln!(io::stderr(), "qmqp-queue: cannot write output: {e}");
-            Some(EXIT_IOERR)
-        }
-    }
-}
-
-/// `list`: the messages in `new/` and `cur/`, oldest first, and a total.
-fn list(queue_dir: &Path, json: bool) -> u8 {
-    let messages = match queue::list_messages(queue_dir, &[State::New, State::Cur]) {
-        Ok(messages) => messages,
-        Err(e) => {
-            let _ = writeln!(io::stderr(), "qmqp-queue: fatal: {e}");
-            return EXIT_IOERR;
-        }
-    };
-    let stdout = io::stdout();
-    let mut out = BufWriter::new(stdout.lock());
-    let mut unreadable = false;
-    let mut count = 0usize;
-    let mut bytes = 0u64;
-    if !json && !messages.is_empty() {
-        let header = format!(
-            "{:<18} {:<4} {:>10} {:<20} {:>5}  SENDER",
-            "QUEUE_ID", "STATE", "SIZE", "ARRIVAL", "NRCPT"
-        );
-        if let Some(code) = output_status(writeln!(out, "{header}")) {
-            return code;
-        }
-    }
-    for m in &messages {
-        let env = match queue::read_envelope(&m.path) {
-            Ok(env) => env,
-            // Delivered or moved since the directory was read.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => {
-                let _ = out.flush();
-                let _ = writeln!(
-                    io::stderr(),
-                    "qmqp-queue: warning: cannot read {}: {e}",
-                    m.path.display()
-                );
-                unreadable = true;
-                continue;
-            }
-        };
-        count += 1;
-        bytes = bytes.saturating_add(env.message_len);
-        let line = if json {
-            json_line(m, &env)
-        } else {
-            list_line(m, &env)
-        };
-        if let Some(code) = output_status(writeln!(out, "{line}")) {
-            return code;
-        }
-    }
-    if !json && let Some(code) = output_status(writeln!(out, "{}", total_line(count, bytes))) {
-        return code;
-    }
-    if let Some(code) = output_status(out.flush()) {
-        return code;
-    }
-    if unreadable { EXIT_IOERR } else { EXIT_OK }
-}
-
-/// `show`: attributes, envelope, then the message exactly as stored.
-fn show(queue_dir: &Path, id: &str) -> u8 {
-    // A message can move between directories while we look (claimed, deferred): look again.
-    for _attempt in 0..3 {
-        let message = match queue::find_message(queue_dir, id) {
-            Ok(Some(m)) => m,
-            Ok(None) => {
-                let _ = writeln!(
-                    io::stderr(),
-                    "qmqp-queue: no message \"{}\" in {}",
-                    id.escape_debug(),
-                    queue_dir.display()
-                );
-                return EXIT_NO_MESSAGE;
-            }
-            Err(e) => {
-                let _ = writeln!(io::stderr(), "qmqp-queue: fatal: {e}");
-                return EXIT_IOERR;
-            }
-        };
-        let env = match queue::read_envelope(&message.path) {
-            Ok(env) => env,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => {
-                let _ = writeln!(
-                    io::stderr(),
-                    "qmqp-queue: cannot read {}: {e}",
-                    message.path.display()
-                );
-                return EXIT_IOERR;
-            }
-        };
-        let mut file = match File::open(&message.path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => {
-                let _ = writeln!(
-                    io::stderr(),
-                    "qmqp-queue: cannot open {}: {e}",
-                    message.path.display()
-                );
-                return EXIT_IOERR;
-            }
-        };
-        let stdout = io::stdout();
-        let mut out = BufWriter::new(stdout.lock());
-        let written = write_show(&mut out, &message, &env, &mut file).and_then(|()| out.flush());
-        return output_status(written).unwrap_or(EXIT_OK);
-    }
-    let _ = writeln!(
-        io::stderr(),
-        "qmqp-queue: message \"{}\" keeps moving: try again",
-        id.escape_debug()
-    );
-    EXIT_TEMPFAIL
-}
-
-/// Writes `show`'s output; the message is copied from `file` byte for byte.
-fn write_show<W: Write>(
-    out: &mut W,
-    message: &Message,
-    env: &Envelope,
-    file: &mut File,
-) -> io::Result<()> {
-    writeln!(out, "*** ATTRIBUTES ***")?;
-    for (name, value) in &env.attributes.pairs {
-        writeln!(
-            out,
-            "{}={}",
-            escape(name.as_bytes()),
-            escape(value.as_bytes())
-        )?;
-    }
-    writeln!(out, "*** ENVELOPE ***")?;
-    writeln!(
-        out,
-        "file: {}/{}",
-        message.state.dir_name(),
-        escape(message.name.as_encoded_bytes())
-    )?;
-    writeln!(out, "state: {}", message.state.dir_name())?;
-    writeln!(out, "size: {}", env.message_len)?;
-    writeln!(out, "sender: <{}>", escape(&env.sender))?;
-    for rcpt in &env.recipients {
-        writeln!(out, "recipient: <{}>", escape(rcpt))?;
-    }
-    if let Some(reason) = queue::failure_reason(message) {
-        for line in reason.lines() {
-            writeln!(out, "reason: {}", escape(line.as_bytes()))?;
-        }
-    }
-    writeln!(out, "*** MESSAGE ***")?;
-    file.seek(SeekFrom::Start(env.message_offset))?;
-    let copied = io::copy(&mut file.take(env.message_len), out)?;
-    if copied != env.message_len {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!("message ended after {copied} of {} bytes", env.message_len),
-        ));
-    }
-    Ok(())
 }
 
 /// Set by SIGTERM or SIGINT; wakes a sleeping deliverer.
@@ -812,41 +538,5 @@ mod tests {
         ] {
             assert!(parse(bad).is_err(), "{bad:?} accepted");
         }
-    }
-
-    #[test]
-    fn escape_keeps_utf8_and_escapes_controls() {
-        assert_eq!(escape("é<a@b>".as_bytes()), "é<a@b>");
-        assert_eq!(escape(b"a\nb\x1b\xff"), "a\\nb\\x1b\\xff");
-    }
-
-    #[test]
-    fn json_string_escapes_quotes_and_controls() {
-        assert_eq!(json_string(b"a\"b\\c\n\x01"), "\"a\\\"b\\\\c\\n\\u0001\"");
-        assert_eq!(json_string(b"\xff"), "\"\u{fffd}\"");
-    }
-
-    #[test]
-    fn arrival_formats_validate_the_attribute() {
-        assert_eq!(
-            arrival_date("1764333296.123456").as_deref(),
-            Some("2025-11-28T12:34:56Z")
-        );
-        assert_eq!(arrival_date("x"), None);
-        assert_eq!(
-            arrival_number("1764333296.123456"),
-            Some("1764333296.123456")
-        );
-        assert_eq!(arrival_number("17643"), Some("17643"));
-        assert_eq!(arrival_number("1.2.3"), None);
-        assert_eq!(arrival_number("1."), None);
-        assert_eq!(arrival_number("nan"), None);
-    }
-
-    #[test]
-    fn total_line_speaks_like_mailq() {
-        assert_eq!(total_line(0, 0), "Mail queue is empty");
-        assert_eq!(total_line(1, 1), "-- 1 Kbytes in 1 Request.");
-        assert_eq!(total_line(3, 2049), "-- 3 Kbytes in 3 Requests.");
     }
 }

@@ -5,12 +5,13 @@
 //!
 //! Owns the layout and the message states, queue IDs and file names (`id`), the one mode
 //! rule and the durable create (`file`), the queue file format (`envelope`), scanning and
-//! claim by rename (`scan`). The invariants are in
+//! claim by rename (`scan`), and what `list` and `show` print (`listing`). The invariants are in
 //! ARCHITECTURE.md. It does not know the QMQP protocol, nor how a message is delivered.
 
 mod envelope;
 mod file;
 mod id;
+pub mod listing;
 mod scan;
 
 use std::ffi::OsStr;
