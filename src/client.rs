@@ -6,15 +6,19 @@
 //! constant memory, whatever its size.
 
 use std::fmt;
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::Duration;
+
+use crate::netstring::{self, NetstringError, encoded_len};
 
 /// The QMQP port (cr.yp.to/proto/qmqp.html).
 pub const DEFAULT_PORT: u16 = 628;
 
 /// The longest reply payload `send` accepts, in bytes.
 pub const MAX_REPLY_LEN: u64 = 64 * 1024;
+/// Read buffer for the reply's payload: a whole ordinary reply in one read.
+const REPLY_BUFFER: usize = 1024;
 
 /// Reply class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,23 +101,6 @@ impl From<io::Error> for ClientError {
     }
 }
 
-/// Number of decimal digits of `n`.
-fn decimal_digits(mut n: u64) -> u64 {
-    let mut digits = 1;
-    while n >= 10 {
-        n /= 10;
-        digits += 1;
-    }
-    digits
-}
-
-/// Length of the netstring holding `payload_len` bytes (`LEN:` + payload + `,`).
-fn netstring_len(payload_len: u64) -> Option<u64> {
-    decimal_digits(payload_len)
-        .checked_add(2)?
-        .checked_add(payload_len)
-}
-
 /// Length in bytes of a slice, as u64.
 fn byte_len(bytes: &[u8]) -> Option<u64> {
     u64::try_from(bytes.len()).ok()
@@ -121,18 +108,11 @@ fn byte_len(bytes: &[u8]) -> Option<u64> {
 
 /// The payload length of the outer netstring: the message, sender and recipient netstrings.
 fn request_len(message_len: u64, sender: &[u8], recipients: &[&[u8]]) -> Option<u64> {
-    let mut total = netstring_len(message_len)?.checked_add(netstring_len(byte_len(sender)?)?)?;
+    let mut total = encoded_len(message_len)?.checked_add(encoded_len(byte_len(sender)?)?)?;
     for rcpt in recipients {
-        total = total.checked_add(netstring_len(byte_len(rcpt)?)?)?;
+        total = total.checked_add(encoded_len(byte_len(rcpt)?)?)?;
     }
     Some(total)
-}
-
-/// Writes `bytes` as one netstring.
-fn write_netstring<W: Write>(wtr: &mut W, bytes: &[u8]) -> io::Result<()> {
-    write!(wtr, "{}:", bytes.len())?;
-    wtr.write_all(bytes)?;
-    wtr.write_all(b",")
 }
 
 /// Writes the whole request, copying exactly `message_len` bytes of `message`.
@@ -149,7 +129,8 @@ fn write_request<W: Write, M: Read>(
             format!("request too long: message of {message_len} bytes"),
         ))
     })?;
-    write!(wtr, "{total}:{message_len}:")?;
+    netstring::write_len(wtr, total)?;
+    netstring::write_len(wtr, message_len)?;
     let copied = io::copy(&mut message.take(message_len), wtr)?;
     if copied != message_len {
         return Err(ClientError::Io(io::Error::new(
@@ -158,26 +139,13 @@ fn write_request<W: Write, M: Read>(
         )));
     }
     wtr.write_all(b",")?;
-    write_netstring(wtr, sender)?;
+    netstring::write_netstring(wtr, sender)?;
     for rcpt in recipients {
-        write_netstring(wtr, rcpt)?;
+        netstring::write_netstring(wtr, rcpt)?;
     }
     wtr.write_all(b",")?;
     wtr.flush()?;
     Ok(())
-}
-
-/// Reads one byte; `None` at end of input.
-fn read_byte<R: Read>(rdr: &mut R) -> io::Result<Option<u8>> {
-    let mut byte = [0u8; 1];
-    loop {
-        match rdr.read(&mut byte) {
-            Ok(0) => return Ok(None),
-            Ok(_) => return Ok(Some(byte[0])),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
 }
 
 /// Quotes reply bytes for an error message, at most the first 200 of them.
@@ -189,70 +157,110 @@ fn quote(bytes: &[u8]) -> String {
     }
 }
 
-/// Reads the reply netstring (payload at most [`MAX_REPLY_LEN`] bytes) and classifies it.
-pub fn read_reply<R: Read>(rdr: &mut R) -> Result<Reply, ClientError> {
-    // `seen` keeps what was read so errors can quote it; the length is bounded before
-    // each digit is appended, so it never holds more than the reply limit allows.
-    let mut seen = Vec::new();
-    let mut len: u64 = 0;
-    loop {
-        let Some(byte) = read_byte(rdr)? else {
-            if seen.is_empty() {
-                return Err(ClientError::Io(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "connection closed without a reply",
-                )));
+/// A reader that keeps every byte consumed through it, so errors can quote the reply.
+struct Recorded<R> {
+    rdr: BufReader<R>,
+    seen: Vec<u8>,
+}
+
+impl<R: Read> Read for Recorded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.rdr.read(buf)?;
+        self.seen
+            .extend_from_slice(buf.get(..n).unwrap_or_default());
+        Ok(n)
+    }
+}
+
+impl<R: Read> BufRead for Recorded<R> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        self.rdr.fill_buf()
+    }
+    fn consume(&mut self, n: usize) {
+        let buf = self.rdr.buffer();
+        self.seen.extend_from_slice(buf.get(..n).unwrap_or(buf));
+        self.rdr.consume(n);
+    }
+}
+
+impl<R> Recorded<R> {
+    /// The reply ended early: nothing at all is an I/O error, a part of one a bad reply.
+    fn lost(&self, e: NetstringError) -> ClientError {
+        match e {
+            NetstringError::Lost(e) if e.kind() != io::ErrorKind::UnexpectedEof => {
+                ClientError::Io(e)
             }
-            return Err(ClientError::BadReply(format!(
-                "truncated reply {}",
-                quote(&seen)
-            )));
-        };
-        seen.push(byte);
-        match byte {
-            b'0'..=b'9' => {
-                if seen.len() == 2 && seen.first() == Some(&b'0') {
-                    return Err(ClientError::BadReply(format!(
-                        "reply length has a leading zero: {}",
-                        quote(&seen)
-                    )));
-                }
-                len = len
-                    .checked_mul(10)
-                    .and_then(|l| l.checked_add(u64::from(byte - b'0')))
-                    .filter(|&l| l <= MAX_REPLY_LEN)
-                    .ok_or_else(|| {
-                        ClientError::BadReply(format!(
-                            "reply longer than {MAX_REPLY_LEN} bytes: {}",
-                            quote(&seen)
-                        ))
-                    })?;
-            }
-            b':' if seen.len() > 1 => break,
-            _ => {
-                return Err(ClientError::BadReply(format!(
-                    "reply is not a netstring: {}",
-                    quote(&seen)
-                )));
-            }
+            NetstringError::Timeout(e) => ClientError::Io(e),
+            _ if self.seen.is_empty() => ClientError::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed without a reply",
+            )),
+            _ => ClientError::BadReply(format!("truncated reply {}", quote(&self.seen))),
         }
     }
-    let mut payload = Vec::new();
-    rdr.take(len).read_to_end(&mut payload)?;
-    let complete = byte_len(&payload) == Some(len);
-    let comma = if complete { read_byte(rdr)? } else { None };
-    seen.extend_from_slice(&payload);
-    if !complete || comma.is_none() {
-        return Err(ClientError::BadReply(format!(
-            "truncated reply {}",
-            quote(&seen)
-        )));
+
+    /// Why the reply's `LEN:` could not be read.
+    fn bad_len(&self, e: NetstringError) -> ClientError {
+        let seen = &self.seen;
+        let why = match e {
+            NetstringError::Lost(_) | NetstringError::Timeout(_) => return self.lost(e),
+            NetstringError::Format if matches!(seen.as_slice(), [b'0', digit, ..] if digit.is_ascii_digit()) => {
+                "reply length has a leading zero"
+            }
+            NetstringError::Format if seen.is_empty() || !seen.iter().all(u8::is_ascii_digit) => {
+                "reply is not a netstring"
+            }
+            // All digits, and more of them than the limit allows.
+            NetstringError::Format | NetstringError::Overflow => {
+                return too_long(seen);
+            }
+        };
+        ClientError::BadReply(format!("{why}: {}", quote(seen)))
     }
-    if comma != Some(b',') {
-        return Err(ClientError::BadReply(format!(
-            "reply netstring does not end with a comma: {}",
-            quote(&seen)
-        )));
+}
+
+/// A reply length over [`MAX_REPLY_LEN`].
+fn too_long(seen: &[u8]) -> ClientError {
+    ClientError::BadReply(format!(
+        "reply longer than {MAX_REPLY_LEN} bytes: {}",
+        quote(seen)
+    ))
+}
+
+/// Reads the reply netstring (payload at most [`MAX_REPLY_LEN`] bytes) and classifies it.
+/// Never reads past the reply's `,`.
+pub fn read_reply<R: Read>(rdr: &mut R) -> Result<Reply, ClientError> {
+    // The length one byte a read, so nothing after the `:` is taken; enough budget for the
+    // longest allowed `LEN:`, so a longer length stops at once.
+    let mut head = Recorded {
+        rdr: BufReader::with_capacity(1, &mut *rdr),
+        seen: Vec::new(),
+    };
+    let mut budget = netstring::len_prefix_size(MAX_REPLY_LEN);
+    let len = match netstring::read_len(&mut head, Some(&mut budget)) {
+        Ok(len) if len <= MAX_REPLY_LEN => len,
+        Ok(_) => return Err(too_long(&head.seen)),
+        Err(e) => return Err(head.bad_len(e)),
+    };
+    // Then exactly the payload and its `,`.
+    let rest = len + 1;
+    let mut body = Recorded {
+        seen: head.seen,
+        rdr: BufReader::with_capacity(REPLY_BUFFER, rdr.take(rest)),
+    };
+    let mut payload = Vec::new();
+    // Bounded by MAX_REPLY_LEN just above.
+    let len = usize::try_from(len).map_err(|_| too_long(&body.seen))?;
+    netstring::read_exact_into(&mut body, len, &mut payload).map_err(|e| body.lost(e))?;
+    match netstring::read_comma(&mut body) {
+        Ok(()) => {}
+        Err(NetstringError::Format) => {
+            return Err(ClientError::BadReply(format!(
+                "reply netstring does not end with a comma: {}",
+                quote(&body.seen)
+            )));
+        }
+        Err(e) => return Err(body.lost(e)),
     }
     let status = match payload.first() {
         Some(b'K') => Status::Ok,
@@ -301,25 +309,14 @@ pub fn send<S: Read + Write, M: Read>(
     }
 }
 
-/// Appends `bytes` as one netstring to `out`.
-fn push_netstring(out: &mut Vec<u8>, bytes: &[u8]) {
-    out.extend_from_slice(bytes.len().to_string().as_bytes());
-    out.push(b':');
-    out.extend_from_slice(bytes);
-    out.push(b',');
-}
-
 /// Encode a whole request into bytes (tests and small messages).
 pub fn encode_request(message: &[u8], sender: &[u8], recipients: &[&[u8]]) -> Vec<u8> {
-    let mut body = Vec::new();
-    push_netstring(&mut body, message);
-    push_netstring(&mut body, sender);
+    let mut body = netstring::encode(message);
+    body.extend(netstring::encode(sender));
     for rcpt in recipients {
-        push_netstring(&mut body, rcpt);
+        body.extend(netstring::encode(rcpt));
     }
-    let mut out = Vec::with_capacity(body.len().saturating_add(22));
-    push_netstring(&mut out, &body);
-    out
+    netstring::encode(&body)
 }
 
 /// Splits "host", "host:port", "[v6]", "[v6]:port" or a bare IPv6 address into host and port.
@@ -489,15 +486,6 @@ mod tests {
     #[test]
     fn request_len_rejects_overflow() {
         assert_eq!(request_len(u64::MAX - 5, b"", &[b""]), None);
-        assert_eq!(netstring_len(u64::MAX), None);
-    }
-
-    #[test]
-    fn decimal_digits_counts_boundaries() {
-        assert_eq!(decimal_digits(0), 1);
-        assert_eq!(decimal_digits(9), 1);
-        assert_eq!(decimal_digits(10), 2);
-        assert_eq!(decimal_digits(u64::MAX), 20);
     }
 
     #[test]
@@ -542,6 +530,8 @@ mod tests {
         assert!(bad_reply_text(b":K,").contains("not a netstring"));
         assert!(bad_reply_text(b"2xK,").contains("not a netstring"));
         assert!(bad_reply_text(b"02:KK,").contains("leading zero"));
+        assert!(bad_reply_text(b"0x:K,").contains("not a netstring"));
+        assert!(bad_reply_text(b"1234567:K").contains("longer than 65536"));
         assert!(bad_reply_text(b"2:KOk").contains("comma"));
     }
 

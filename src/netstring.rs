@@ -13,7 +13,7 @@ pub enum NetstringError {
     /// The peer closed the connection, or a read failed for another reason.
     Lost(io::Error),
     /// A read timed out (`io::ErrorKind::TimedOut` or `WouldBlock` from the reader).
-    Timeout,
+    Timeout(io::Error),
     /// The bytes are not a netstring (non-digit, leading zero, missing `:` or `,`).
     Format,
     /// The length does not fit in 64 bits.
@@ -24,7 +24,7 @@ impl fmt::Display for NetstringError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             NetstringError::Lost(e) => write!(f, "lost connection: {e}"),
-            NetstringError::Timeout => f.write_str("read timeout"),
+            NetstringError::Timeout(_) => f.write_str("read timeout"),
             NetstringError::Format => f.write_str("netstring format error"),
             NetstringError::Overflow => f.write_str("netstring length does not fit in 64 bits"),
         }
@@ -36,7 +36,7 @@ impl std::error::Error for NetstringError {}
 impl From<io::Error> for NetstringError {
     fn from(e: io::Error) -> Self {
         match e.kind() {
-            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => NetstringError::Timeout,
+            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => NetstringError::Timeout(e),
             _ => NetstringError::Lost(e),
         }
     }
@@ -160,6 +160,12 @@ pub fn len_prefix_size(len: u64) -> u64 {
     u64::from(len.checked_ilog10().unwrap_or(0)) + 2
 }
 
+/// The number of bytes a whole netstring of `len` payload bytes takes (`LEN:`, payload,
+/// `,`), or None when that does not fit in 64 bits.
+pub fn encoded_len(len: u64) -> Option<u64> {
+    len_prefix_size(len).checked_add(len)?.checked_add(1)
+}
+
 /// Encodes a whole netstring into a new vector.
 pub fn encode(data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len() + 22);
@@ -266,8 +272,18 @@ mod tests {
     }
 
     #[test]
+    fn encoded_len_counts_digit_boundaries_and_overflow() {
+        assert_eq!(encoded_len(0), Some(3));
+        assert_eq!(encoded_len(9), Some(12));
+        assert_eq!(encoded_len(10), Some(14));
+        assert_eq!(encoded_len(u64::MAX - 22), Some(u64::MAX));
+        assert_eq!(encoded_len(u64::MAX - 21), None);
+        assert_eq!(len_prefix_size(u64::MAX), 21);
+    }
+
+    #[test]
     fn timeout_errors_map_to_timeout() {
         let e: NetstringError = io::Error::from(io::ErrorKind::WouldBlock).into();
-        assert!(matches!(e, NetstringError::Timeout));
+        assert!(matches!(e, NetstringError::Timeout(_)));
     }
 }

@@ -448,7 +448,7 @@ impl<'a> Session<'a> {
 fn stop(e: NetstringError, at: Where, overflow: Rejection) -> Stop {
     match e {
         NetstringError::Lost(_) => Stop::Lost { at, timeout: false },
-        NetstringError::Timeout => Stop::Lost { at, timeout: true },
+        NetstringError::Timeout(_) => Stop::Lost { at, timeout: true },
         NetstringError::Format => Stop::ReplyNow(Rejection::Format(at)),
         NetstringError::Overflow => Stop::ReplyNow(match at {
             Where::Header => overflow,
