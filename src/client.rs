@@ -20,27 +20,8 @@ pub const MAX_REPLY_LEN: u64 = 64 * 1024;
 /// Read buffer for the reply's payload: a whole ordinary reply in one read.
 const REPLY_BUFFER: usize = 1024;
 
-/// Reply class.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
-    /// `K`: the message was accepted.
-    Ok,
-    /// `Z`: temporary failure, try again later.
-    TempFail,
-    /// `D`: permanent failure, bounce.
-    PermFail,
-}
-
-impl Status {
-    /// The status letter on the wire.
-    pub fn letter(self) -> char {
-        match self {
-            Status::Ok => 'K',
-            Status::TempFail => 'Z',
-            Status::PermFail => 'D',
-        }
-    }
-}
+/// The reply's class: the crate's one K/Z/D type, named here too for the client's users.
+pub use crate::reply::Status;
 
 /// The server's reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -262,11 +243,9 @@ pub fn read_reply<R: Read>(rdr: &mut R) -> Result<Reply, ClientError> {
         }
         Err(e) => return Err(body.lost(e)),
     }
-    let status = match payload.first() {
-        Some(b'K') => Status::Ok,
-        Some(b'Z') => Status::TempFail,
-        Some(b'D') => Status::PermFail,
-        _ => {
+    let status = match payload.first().copied().and_then(Status::from_byte) {
+        Some(status) => status,
+        None => {
             return Err(ClientError::BadReply(format!(
                 "reply does not start with K, Z or D: {}",
                 quote(&payload)

@@ -1,9 +1,47 @@
-//! QMQP replies: the one table from a transaction's result to `K`, `Z` or `D` and its text.
+//! QMQP replies: the one K/Z/D type ([`Status`]), used by the server, the client and the
+//! deliverer alike, and the one table from a transaction's result to a status and its text.
 //!
 //! Texts are Postfix qmqpd's, so log tools and clients see what they know. Owns nothing but
-//! the mapping; writing the reply to a connection is `session`'s job.
+//! the mapping; writing the reply to a connection is `session`'s job, reading one `client`'s.
 
 use std::fmt;
+
+/// The class of a QMQP reply, given by its first byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// `K`: the message was accepted.
+    Ok,
+    /// `Z`: temporary failure, try again later.
+    TempFail,
+    /// `D`: permanent failure, bounce.
+    PermFail,
+}
+
+impl Status {
+    /// The status letter on the wire.
+    pub fn letter(self) -> char {
+        char::from(self.byte())
+    }
+
+    /// The status byte on the wire.
+    pub fn byte(self) -> u8 {
+        match self {
+            Status::Ok => b'K',
+            Status::TempFail => b'Z',
+            Status::PermFail => b'D',
+        }
+    }
+
+    /// The status a reply's first byte gives, if it is K, Z or D.
+    pub fn from_byte(byte: u8) -> Option<Status> {
+        match byte {
+            b'K' => Some(Status::Ok),
+            b'Z' => Some(Status::TempFail),
+            b'D' => Some(Status::PermFail),
+            _ => None,
+        }
+    }
+}
 
 /// Where in the request something happened (Postfix's words).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,12 +132,12 @@ impl fmt::Display for Rejection {
 }
 
 impl Reply {
-    /// The status letter; `soft_bounce` turns every `D` into `Z`.
-    pub fn status(&self, soft_bounce: bool) -> u8 {
+    /// The status; `soft_bounce` turns every `D` into `Z`.
+    pub fn status(&self, soft_bounce: bool) -> Status {
         match self {
-            Reply::Queued(_) => b'K',
-            Reply::Rejected(r) if r.is_temporary() || soft_bounce => b'Z',
-            Reply::Rejected(_) => b'D',
+            Reply::Queued(_) => Status::Ok,
+            Reply::Rejected(r) if r.is_temporary() || soft_bounce => Status::TempFail,
+            Reply::Rejected(_) => Status::PermFail,
         }
     }
 
@@ -113,7 +151,7 @@ impl Reply {
 
     /// The reply as it goes on the wire: one netstring.
     pub fn encode(&self, soft_bounce: bool) -> Vec<u8> {
-        let mut payload = vec![self.status(soft_bounce)];
+        let mut payload = vec![self.status(soft_bounce).byte()];
         payload.extend_from_slice(self.text().as_bytes());
         crate::netstring::encode(&payload)
     }
@@ -173,8 +211,17 @@ mod tests {
     #[test]
     fn soft_bounce_turns_d_into_z() {
         let r = Reply::Rejected(Rejection::NoRecipients);
-        assert_eq!(r.status(false), b'D');
-        assert_eq!(r.status(true), b'Z');
-        assert_eq!(Reply::Queued("X".into()).status(true), b'K');
+        assert_eq!(r.status(false), Status::PermFail);
+        assert_eq!(r.status(true), Status::TempFail);
+        assert_eq!(Reply::Queued("X".into()).status(true), Status::Ok);
+    }
+
+    #[test]
+    fn status_letters_round_trip() {
+        for s in [Status::Ok, Status::TempFail, Status::PermFail] {
+            assert_eq!(Status::from_byte(s.byte()), Some(s));
+            assert_eq!(s.letter(), char::from(s.byte()));
+        }
+        assert_eq!(Status::from_byte(b'X'), None);
     }
 }

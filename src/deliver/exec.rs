@@ -62,12 +62,12 @@ fn sysexits_text(code: i32) -> Option<&'static str> {
 /// `output` (already cleaned) is appended to the reason.
 pub fn classify_exit(status: ExitStatus, output: &str) -> Verdict {
     let (class, mut reason) = match (status.code(), status.signal()) {
-        (Some(0), _) => (Status::Sent, "delivered via command".to_string()),
+        (Some(0), _) => (Status::Ok, "delivered via command".to_string()),
         (Some(code), _) => {
             let class = if TEMPORARY_EXIT_CODES.contains(&code) {
-                Status::Deferred
+                Status::TempFail
             } else {
-                Status::Bounced
+                Status::PermFail
             };
             let text = match sysexits_text(code) {
                 Some(text) => format!("command exited with status {code} ({text})"),
@@ -75,8 +75,8 @@ pub fn classify_exit(status: ExitStatus, output: &str) -> Verdict {
             };
             (class, text)
         }
-        (None, Some(sig)) => (Status::Deferred, format!("command killed by signal {sig}")),
-        (None, None) => (Status::Deferred, format!("command ended: {status}")),
+        (None, Some(sig)) => (Status::TempFail, format!("command killed by signal {sig}")),
+        (None, None) => (Status::TempFail, format!("command ended: {status}")),
     };
     if !output.is_empty() {
         reason.push_str(": ");
@@ -164,19 +164,19 @@ impl Deliverer {
         rcpts: &[&[u8]],
     ) -> Verdict {
         if sender.contains(&0) || rcpts.iter().any(|r| r.contains(&0)) {
-            return Verdict::new(Status::Bounced, "address holds a NUL byte");
+            return Verdict::new(Status::PermFail, "address holds a NUL byte");
         }
         // Opened before the command starts: a command must never see an empty or cut
         // message because the queue file could not be read.
         let mut message = match queue::open_message(&claim.path, envelope) {
             Ok(message) => message,
             Err(e) => {
-                return Verdict::new(Status::Deferred, format!("cannot read queue file: {e}"));
+                return Verdict::new(Status::TempFail, format!("cannot read queue file: {e}"));
             }
         };
         let (out_rdr, out_wtr) = match io::pipe().and_then(|(r, w)| Ok((r, w.try_clone()?, w))) {
             Ok((r, w1, w2)) => (r, (w1, w2)),
-            Err(e) => return Verdict::new(Status::Deferred, format!("cannot create a pipe: {e}")),
+            Err(e) => return Verdict::new(Status::TempFail, format!("cannot create a pipe: {e}")),
         };
         let mut cmd = Command::new(SHELL);
         cmd.arg("-c")
@@ -203,11 +203,11 @@ impl Deliverer {
             Ok(child) => child,
             Err(e) if e.raw_os_error() == Some(nix::libc::E2BIG) => {
                 return Verdict::new(
-                    Status::Bounced,
+                    Status::PermFail,
                     format!("cannot run {SHELL}: too many or too long recipients: {e}"),
                 );
             }
-            Err(e) => return Verdict::new(Status::Deferred, format!("cannot run {SHELL}: {e}")),
+            Err(e) => return Verdict::new(Status::TempFail, format!("cannot run {SHELL}: {e}")),
         };
         let pid = child.id();
         // The message goes in from a thread of its own, so a command that writes much
@@ -254,7 +254,7 @@ impl Deliverer {
         let fed = fed_rx.recv_timeout(OUTPUT_GRACE).unwrap_or(Ok(()));
         match status {
             _ if timed_out => Verdict::new(
-                Status::Deferred,
+                Status::TempFail,
                 format!("command timed out after {}s", self.opts.timeout.as_secs()),
             ),
             Ok(_)
@@ -263,11 +263,11 @@ impl Deliverer {
                     .is_err_and(|e| e.kind() != io::ErrorKind::BrokenPipe) =>
             {
                 let e = fed.err().map(|e| e.to_string()).unwrap_or_default();
-                Verdict::new(Status::Deferred, format!("cannot read queue file: {e}"))
+                Verdict::new(Status::TempFail, format!("cannot read queue file: {e}"))
             }
             Ok(status) => classify_exit(status, &output),
             Err(e) => Verdict::new(
-                Status::Deferred,
+                Status::TempFail,
                 format!("cannot wait for the command: {e}"),
             ),
         }
@@ -380,18 +380,18 @@ mod tests {
 
     #[test]
     fn classify_exit_maps_sysexits() {
-        assert_eq!(classify_exit(exit(0), "").status, Status::Sent);
+        assert_eq!(classify_exit(exit(0), "").status, Status::Ok);
         for code in [71, 73, 74, 75, 111] {
             assert_eq!(
                 classify_exit(exit(code), "").status,
-                Status::Deferred,
+                Status::TempFail,
                 "{code}"
             );
         }
         for code in [1, 64, 65, 67, 69, 70, 77, 78, 100, 255] {
             assert_eq!(
                 classify_exit(exit(code), "").status,
-                Status::Bounced,
+                Status::PermFail,
                 "{code}"
             );
         }
@@ -400,7 +400,7 @@ mod tests {
     #[test]
     fn classify_exit_treats_signals_as_temporary() {
         let v = classify_exit(ExitStatus::from_raw(9), "");
-        assert_eq!(v.status, Status::Deferred);
+        assert_eq!(v.status, Status::TempFail);
         assert_eq!(v.reason, "command killed by signal 9");
     }
 

@@ -24,6 +24,7 @@ use backoff::{backoff, format_delay, parse_arrival, unix_secs};
 
 use crate::logging::sanitize;
 use crate::queue::{self, Claim, Envelope, Queue, QueueError, QueueFile, REASON_SUFFIX, State};
+use crate::reply::Status;
 use crate::session::verp_delimiters;
 
 /// Default `--timeout` for `--exec`: the longest a command may run (Postfix's
@@ -109,32 +110,20 @@ impl Options {
     }
 }
 
-/// The class of one delivery attempt's result.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
-    /// Delivered: the recipient is done.
-    Sent,
-    /// Temporary failure: try again later.
-    Deferred,
-    /// Permanent failure: the recipient goes to `failed/`.
-    Bounced,
-}
-
-impl Status {
-    /// The word Postfix logs (`status=sent`).
-    pub fn word(self) -> &'static str {
-        match self {
-            Status::Sent => "sent",
-            Status::Deferred => "deferred",
-            Status::Bounced => "bounced",
-        }
+/// The word Postfix logs for a delivery attempt's status (`status=sent`): K sent, Z
+/// deferred, D bounced.
+fn status_word(status: Status) -> &'static str {
+    match status {
+        Status::Ok => "sent",
+        Status::TempFail => "deferred",
+        Status::PermFail => "bounced",
     }
 }
 
 /// The result of one attempt: its class and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
-    /// Sent, deferred or bounced.
+    /// Sent (K), deferred (Z) or bounced (D).
     pub status: Status,
     /// The text logged in parentheses after the status.
     pub reason: String,
@@ -269,7 +258,7 @@ impl Deliverer {
                 .unwrap_or_default();
             let line = format!(
                 "to=<{rcpt}>, relay={relay}, delay={delay}, status={} ({})",
-                v.verdict.status.word(),
+                status_word(v.verdict.status),
                 sanitize(v.verdict.reason.as_bytes())
             );
             log::info!("{}: {line}", claim.queue_id);
@@ -288,7 +277,11 @@ impl Deliverer {
         let reason = format!("cannot read queue file: {e}");
         if corrupt {
             log::warn!("{}: {reason}: moved to failed/", claim.queue_id);
-            let line = format!("status=bounced ({})", sanitize(reason.as_bytes()));
+            let line = format!(
+                "status={} ({})",
+                status_word(Status::PermFail),
+                sanitize(reason.as_bytes())
+            );
             self.move_to_failed(&claim, &[line])
         } else {
             log::warn!("{}: {reason}: back to new/", claim.queue_id);
@@ -316,10 +309,10 @@ impl Deliverer {
                 .map(|v| v.index)
                 .collect()
         };
-        let (deferred, bounced) = (with(Status::Deferred), with(Status::Bounced));
+        let (deferred, bounced) = (with(Status::TempFail), with(Status::PermFail));
         let failed_lines: Vec<String> = lines
             .iter()
-            .filter(|(s, _)| *s == Status::Bounced)
+            .filter(|(s, _)| *s == Status::PermFail)
             .map(|(_, l)| l.clone())
             .collect();
         let retry_at = now + backoff(arrival, now, self.opts.min_backoff, self.opts.max_backoff);

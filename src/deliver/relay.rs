@@ -5,7 +5,7 @@
 //! Does not move queue files: the verdict goes back to the deliverer, which disposes.
 
 use super::{Deliverer, RecipientVerdict, Status, Verdict};
-use crate::client::{self, Status as ReplyStatus};
+use crate::client;
 use crate::logging::sanitize;
 use crate::queue::{self, Claim, Envelope};
 
@@ -13,13 +13,8 @@ use crate::queue::{self, Claim, Envelope};
 pub fn classify_reply(reply: &client::Reply, relay: &str) -> Verdict {
     let text = sanitize(reply.text.as_bytes());
     match reply.status {
-        ReplyStatus::Ok => Verdict::new(Status::Sent, text),
-        ReplyStatus::TempFail => {
-            Verdict::new(Status::Deferred, format!("host {relay} said: {text}"))
-        }
-        ReplyStatus::PermFail => {
-            Verdict::new(Status::Bounced, format!("host {relay} said: {text}"))
-        }
+        Status::Ok => Verdict::new(Status::Ok, text),
+        status => Verdict::new(status, format!("host {relay} said: {text}")),
     }
 }
 
@@ -48,7 +43,7 @@ impl Deliverer {
             Err(e) => {
                 return (
                     "none".to_string(),
-                    Verdict::new(Status::Deferred, format!("connect to {server}: {e}")),
+                    Verdict::new(Status::TempFail, format!("connect to {server}: {e}")),
                 );
             }
         };
@@ -62,7 +57,7 @@ impl Deliverer {
             Err(e) => {
                 return (
                     relay,
-                    Verdict::new(Status::Deferred, format!("cannot read queue file: {e}")),
+                    Verdict::new(Status::TempFail, format!("cannot read queue file: {e}")),
                 );
             }
         };
@@ -77,7 +72,7 @@ impl Deliverer {
         let verdict = match sent {
             Ok(reply) => classify_reply(&reply, &relay),
             Err(e) => Verdict::new(
-                Status::Deferred,
+                Status::TempFail,
                 format!("no valid reply from {relay}: {e}"),
             ),
         };
@@ -95,13 +90,13 @@ mod tests {
             status,
             text: text.into(),
         };
-        let k = classify_reply(&reply(ReplyStatus::Ok, "Ok: queued as X"), "h[1.2.3.4]:628");
-        assert_eq!(k, Verdict::new(Status::Sent, "Ok: queued as X"));
-        let z = classify_reply(&reply(ReplyStatus::TempFail, "Error: x"), "h");
-        assert_eq!(z.status, Status::Deferred);
+        let k = classify_reply(&reply(Status::Ok, "Ok: queued as X"), "h[1.2.3.4]:628");
+        assert_eq!(k, Verdict::new(Status::Ok, "Ok: queued as X"));
+        let z = classify_reply(&reply(Status::TempFail, "Error: x"), "h");
+        assert_eq!(z.status, Status::TempFail);
         assert_eq!(z.reason, "host h said: Error: x");
-        let d = classify_reply(&reply(ReplyStatus::PermFail, "Error:\ny"), "h");
-        assert_eq!(d.status, Status::Bounced);
+        let d = classify_reply(&reply(Status::PermFail, "Error:\ny"), "h");
+        assert_eq!(d.status, Status::PermFail);
         assert_eq!(d.reason, "host h said: Error:\\ny");
     }
 }
