@@ -406,7 +406,7 @@ pub fn check_transaction(dir: &std::path::Path, data: &[u8]) -> &'static str {
     let valid = reference.as_ref().filter(|r| {
         let fits = |field: &[u8]| field.len() as u64 <= params.line_length_limit;
         let clean = |field: &[u8]| !field.iter().any(|&b| matches!(b, 0 | b'\r' | b'\n'));
-        let verp_ok = session::verp_delimiters(r.sender)
+        let verp_ok = qmqpd::verp::verp_delimiters(r.sender)
             .is_none_or(|d| d.chars().all(|c| params.verp_delimiter_filter.contains(c)));
         authorized
             && (limit == 0 || r.outer_len as u64 <= limit)

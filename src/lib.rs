@@ -13,6 +13,8 @@
 //! - `queue`: the queue family: layout and states, IDs and names, the mode rule, durable
 //!   create (tmp -> fdatasync -> rename -> fsync dir), the queue file format, scan and claim
 //! - `session`: one QMQP transaction over any `Read + Write`
+//! - `verp`: VERP senders: their delimiters (validated by `session`), per-recipient expansion
+//!   (used by `deliver`)
 //! - `config`: main.cf parsing and typed parameters
 //! - `access`: Postfix match lists (`qmqpd_authorized_clients`, `debug_peer_list`)
 //! - `peer`: who the client is
@@ -42,3 +44,4 @@ pub mod queue;
 pub mod reply;
 pub mod server;
 pub mod session;
+pub mod verp;

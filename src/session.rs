@@ -17,6 +17,7 @@ use crate::netstring::{self, NetstringError};
 use crate::peer::Client;
 use crate::queue::{self, Attributes, Queue, QueueFile};
 use crate::reply::{Rejection, Reply, Where};
+use crate::verp::verp_delimiters;
 
 /// A rejected request is drained only while its declared length is at most this many times
 /// `message_size_limit` (DESIGN §5).
@@ -457,22 +458,6 @@ fn stop(e: NetstringError, at: Where, overflow: Rejection) -> Stop {
     }
 }
 
-/// The VERP delimiters a `prefix@origin-@[]` sender asks for (Postfix's rule: the character
-/// before the first `@`, then `=`), or None when the sender is not such an address.
-pub fn verp_delimiters(sender: &[u8]) -> Option<String> {
-    let n = sender.len();
-    if n <= 4 || !sender.ends_with(b"-@[]") {
-        return None;
-    }
-    let at = sender.iter().position(|&b| b == b'@')?;
-    // A non-empty prefix before the delimiter, and a non-empty origin after the '@'.
-    if at < 2 || at + 5 >= n {
-        return None;
-    }
-    let delim = char::from(sender[at - 1]);
-    Some(format!("{delim}="))
-}
-
 /// Unix seconds and microseconds, as the attributes block writes arrival_time.
 fn arrival_time(t: SystemTime) -> String {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
@@ -662,22 +647,5 @@ mod tests {
         let (outcome, reply, _) = f.serve(&request(b"x", b"s@x", &[b"r@y"]), true);
         assert_eq!(reply, "30:ZError: queue file write error,");
         assert!(outcome.local_failure());
-    }
-
-    #[test]
-    fn verp_delimiters_follow_postfix_rule() {
-        assert_eq!(
-            verp_delimiters(b"list-@example.org-@[]").as_deref(),
-            Some("-=")
-        );
-        assert_eq!(
-            verp_delimiters(b"list+@example.org-@[]").as_deref(),
-            Some("+=")
-        );
-        assert_eq!(verp_delimiters(b"list@example.org"), None);
-        assert_eq!(verp_delimiters(b"-@[]"), None);
-        assert_eq!(verp_delimiters(b"x-@[]"), None, "no @ before the suffix");
-        assert_eq!(verp_delimiters(b"-@o-@[]"), None, "empty prefix");
-        assert_eq!(verp_delimiters(b"ab@-@[]"), None, "empty origin");
     }
 }

@@ -13,10 +13,10 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::{Deliverer, RecipientVerdict, Status, Verdict, verp_sender};
+use super::{Deliverer, RecipientVerdict, Status, Verdict};
 use crate::logging::sanitize;
 use crate::queue::{self, Claim, Envelope};
-use crate::session::verp_delimiters;
+use crate::verp::{verp_delimiters, verp_sender};
 
 /// Exit statuses of an `--exec` command that mean "try again later": the sysexits codes
 /// `EX_OSERR` (71), `EX_CANTCREAT` (73), `EX_IOERR` (74) and `EX_TEMPFAIL` (75), and qmail's

@@ -25,7 +25,6 @@ use backoff::{backoff, format_delay, parse_arrival, unix_secs};
 use crate::logging::sanitize;
 use crate::queue::{self, Claim, Envelope, Queue, QueueError, QueueFile, REASON_SUFFIX, State};
 use crate::reply::Status;
-use crate::session::verp_delimiters;
 
 /// Default `--timeout` for `--exec`: the longest a command may run (Postfix's
 /// `command_time_limit`).
@@ -42,29 +41,6 @@ pub const DEFAULT_MIN_BACKOFF: Duration = Duration::from_secs(300);
 pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(4000);
 /// Most passes over `new/` one `--once` run makes (each pass claims at least one message).
 const MAX_ONCE_PASSES: usize = 1000;
-
-/// The envelope sender for one recipient of a VERP sender, the qmail way: `prefix-@host-@[]`
-/// and `user@domain` give `prefix-user=domain@host`. `None` when `sender` is not a VERP
-/// sender (as qmqpd recognises them).
-pub fn verp_sender(sender: &[u8], recipient: &[u8]) -> Option<Vec<u8>> {
-    verp_delimiters(sender)?;
-    let base = sender.strip_suffix(b"-@[]")?;
-    let at = base.iter().rposition(|&b| b == b'@')?;
-    let (local, host) = base.split_at(at);
-    let mut out = Vec::with_capacity(base.len().saturating_add(recipient.len()));
-    out.extend_from_slice(local);
-    match recipient.iter().rposition(|&b| b == b'@') {
-        Some(r) => {
-            let (user, domain) = recipient.split_at(r);
-            out.extend_from_slice(user);
-            out.push(b'=');
-            out.extend_from_slice(domain.get(1..).unwrap_or_default());
-        }
-        None => out.extend_from_slice(recipient),
-    }
-    out.extend_from_slice(host);
-    Some(out)
-}
 
 /// Where messages go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -434,29 +410,6 @@ mod tests {
     use crate::netstring;
     use crate::queue::{failure_reason, list_messages};
     use std::fs::{self, File};
-
-    #[test]
-    fn verp_sender_expands_the_qmail_way() {
-        assert_eq!(
-            verp_sender(b"list-@lists.example.org-@[]", b"user@example.com").unwrap(),
-            b"list-user=example.com@lists.example.org".to_vec()
-        );
-        assert_eq!(
-            verp_sender(b"list-@lists.example.org-@[]", b"postmaster").unwrap(),
-            b"list-postmaster@lists.example.org".to_vec()
-        );
-        assert_eq!(
-            verp_sender(b"b+@h-@[]", b"a@b@c").unwrap(),
-            b"b+a@b=c@h".to_vec()
-        );
-    }
-
-    #[test]
-    fn verp_sender_ignores_plain_senders() {
-        assert_eq!(verp_sender(b"list@example.org", b"u@d"), None);
-        assert_eq!(verp_sender(b"", b"u@d"), None);
-        assert_eq!(verp_sender(b"-@[]", b"u@d"), None);
-    }
 
     /// A deliverer whose command always succeeds, over a fresh queue.
     fn deliverer(dir: &Path, stale_time: Duration) -> Deliverer {
