@@ -2,7 +2,8 @@
 //!
 //! Owns the byte-level rules: decimal length without leading zeros, checked arithmetic,
 //! every read bounded by an explicit limit or budget. It does not know what a netstring
-//! means (message, sender, recipient): that is `session`'s job.
+//! means (message, sender, recipient, reply, queue file field): that is the job of `session`,
+//! `client` and `queue`, which all read and write netstrings through this module only.
 
 use std::fmt;
 use std::io::{self, BufRead, Write};

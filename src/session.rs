@@ -20,7 +20,7 @@ use crate::reply::{Rejection, Reply, Where};
 use crate::verp::verp_delimiters;
 
 /// A rejected request is drained only while its declared length is at most this many times
-/// `message_size_limit` (DESIGN §5).
+/// `message_size_limit`; a larger one gets its reply at once (the drain rule above).
 const DRAIN_FACTOR: u64 = 4;
 /// The drain bound when `message_size_limit` is 0 (no limit): four times the default limit.
 const DRAIN_FALLBACK: u64 = 4 * 10_240_000;

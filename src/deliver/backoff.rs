@@ -30,7 +30,12 @@ pub(super) fn unix_secs(t: SystemTime) -> f64 {
 
 /// How long a message deferred at `now` waits before its next attempt: its age in the
 /// queue, at least `min` and at most `max` (so the waits grow as the message ages).
-pub fn backoff(arrival: Option<f64>, now: SystemTime, min: Duration, max: Duration) -> Duration {
+pub(crate) fn backoff(
+    arrival: Option<f64>,
+    now: SystemTime,
+    min: Duration,
+    max: Duration,
+) -> Duration {
     let age = arrival
         .map(|a| (unix_secs(now) - a).max(0.0))
         .and_then(|secs| Duration::try_from_secs_f64(secs).ok())

@@ -21,7 +21,7 @@ use crate::verp::{verp_delimiters, verp_sender};
 /// Exit statuses of an `--exec` command that mean "try again later": the sysexits codes
 /// `EX_OSERR` (71), `EX_CANTCREAT` (73), `EX_IOERR` (74) and `EX_TEMPFAIL` (75), and qmail's
 /// 111. Every other non-zero status is permanent.
-pub const TEMPORARY_EXIT_CODES: [i32; 5] = [71, 73, 74, 75, 111];
+pub(crate) const TEMPORARY_EXIT_CODES: [i32; 5] = [71, 73, 74, 75, 111];
 
 /// The shell that runs `--exec` commands.
 const SHELL: &str = "/bin/sh";
@@ -60,7 +60,7 @@ fn sysexits_text(code: i32) -> Option<&'static str> {
 /// The one mapping from an `--exec` command's end to a verdict: 0 is sent; the codes in
 /// [`TEMPORARY_EXIT_CODES`] and death by a signal are deferred; anything else is bounced.
 /// `output` (already cleaned) is appended to the reason.
-pub fn classify_exit(status: ExitStatus, output: &str) -> Verdict {
+pub(crate) fn classify_exit(status: ExitStatus, output: &str) -> Verdict {
     let (class, mut reason) = match (status.code(), status.signal()) {
         (Some(0), _) => (Status::Ok, "delivered via command".to_string()),
         (Some(code), _) => {

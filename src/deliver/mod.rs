@@ -98,11 +98,11 @@ fn status_word(status: Status) -> &'static str {
 
 /// The result of one attempt: its class and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verdict {
+pub(crate) struct Verdict {
     /// Sent (K), deferred (Z) or bounced (D).
-    pub status: Status,
+    pub(crate) status: Status,
     /// The text logged in parentheses after the status.
-    pub reason: String,
+    pub(crate) reason: String,
 }
 
 impl Verdict {

@@ -10,7 +10,7 @@ use crate::logging::sanitize;
 use crate::queue::{self, Claim, Envelope};
 
 /// The one mapping from a QMQP server's reply to a verdict: K sent, Z deferred, D bounced.
-pub fn classify_reply(reply: &client::Reply, relay: &str) -> Verdict {
+pub(crate) fn classify_reply(reply: &client::Reply, relay: &str) -> Verdict {
     let text = sanitize(reply.text.as_bytes());
     match reply.status {
         Status::Ok => Verdict::new(Status::Ok, text),

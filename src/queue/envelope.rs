@@ -13,12 +13,12 @@ use std::path::Path;
 use crate::netstring;
 
 /// The first line of every queue file's attributes block.
-pub const FORMAT_LINE: &str = "qmqpd-queue 1";
+const FORMAT_LINE: &str = "qmqpd-queue 1";
 
 /// Bytes made fit for one line of text: UTF-8 kept, `\n`, `\r`, `\t` and other control
 /// characters (and U+2028, U+2029) escaped, invalid bytes as `\xNN`, nothing cut. The one
 /// escaping of attribute values, and of what `qmqp-queue` shows on a terminal.
-pub fn escape(bytes: &[u8]) -> String {
+pub(crate) fn escape(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len());
     for chunk in bytes.utf8_chunks() {
         for c in chunk.valid().chars() {
@@ -102,18 +102,18 @@ impl Attributes {
 
 /// A queue file's envelope, read without holding its message in memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Envelope {
-    pub attributes: Attributes,
+pub(crate) struct Envelope {
+    pub(crate) attributes: Attributes,
     /// Length of the stored message (our Received: header included).
-    pub message_len: u64,
+    pub(crate) message_len: u64,
     /// Where the message netstring's payload starts in the file.
-    pub message_offset: u64,
-    pub sender: Vec<u8>,
-    pub recipients: Vec<Vec<u8>>,
+    pub(crate) message_offset: u64,
+    pub(crate) sender: Vec<u8>,
+    pub(crate) recipients: Vec<Vec<u8>>,
 }
 
 /// Reads a queue file's attributes and envelope, skipping over the message.
-pub fn read_envelope(path: &Path) -> io::Result<Envelope> {
+pub(crate) fn read_envelope(path: &Path) -> io::Result<Envelope> {
     let mut rdr = EnvelopeReader {
         rdr: BufReader::new(File::open(path)?),
         path,

@@ -55,7 +55,7 @@ pub(crate) fn open_new(path: &Path, mode: u32) -> io::Result<File> {
 }
 
 /// A file being written in `tmp/`. Dropping it without `commit` removes it.
-pub struct QueueFile {
+pub(crate) struct QueueFile {
     wtr: BufWriter<File>,
     tmp: PathBuf,
     dest: PathBuf,
@@ -95,7 +95,7 @@ impl QueueFile {
 
     /// Makes the file durable at its destination: flush, fdatasync, rename, fsync of the
     /// destination directory.
-    pub fn commit(self) -> io::Result<()> {
+    pub(crate) fn commit(self) -> io::Result<()> {
         self.commit_at(None)
     }
 
@@ -112,7 +112,8 @@ impl QueueFile {
     }
 
     /// The file's path in `tmp/`.
-    pub fn tmp_path(&self) -> &Path {
+    #[cfg(test)]
+    pub(crate) fn tmp_path(&self) -> &Path {
         &self.tmp
     }
 }

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Suffix of the file in `failed/` that records why a message failed.
-pub const REASON_SUFFIX: &str = ".reason";
+pub(crate) const REASON_SUFFIX: &str = ".reason";
 
 /// Digits of the queue ID, in ascending byte order so IDs sort by time.
 const ID_DIGITS: &[u8; 32] = b"0123456789ABCDEFGHIJKLMNOPQRSTUV";

@@ -21,14 +21,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-pub use envelope::{Attributes, Envelope, FORMAT_LINE, escape, read_envelope};
-pub(crate) use envelope::{open_message, write_subset};
-pub use file::QueueFile;
+pub use envelope::Attributes;
+pub(crate) use envelope::{Envelope, escape, open_message, read_envelope, write_subset};
+pub(crate) use file::QueueFile;
 use file::{DirSync, make_dir, open_new};
+pub(crate) use id::REASON_SUFFIX;
 use id::file_name_host;
-pub use id::{REASON_SUFFIX, new_queue_id};
+pub use id::new_queue_id;
 pub(crate) use scan::{Claim, remove, rename};
-pub use scan::{Message, failure_reason, find_message, list_messages};
+pub(crate) use scan::{Message, failure_reason, find_message, list_messages};
 
 /// Stray `tmp/` files older than this are removed (maildir's rule).
 pub const STALE_TMP_AGE: Duration = Duration::from_secs(36 * 3600);
@@ -38,7 +39,7 @@ const TMP: &str = "tmp";
 
 /// Where a message is in the queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum State {
+pub(crate) enum State {
     /// Waiting in `new/` (new, or deferred until its mtime).
     New,
     /// Claimed by a deliverer in `cur/`.
@@ -49,7 +50,7 @@ pub enum State {
 
 impl State {
     /// The subdirectory of `queue_directory` that holds messages in this state.
-    pub fn dir_name(self) -> &'static str {
+    pub(crate) fn dir_name(self) -> &'static str {
         match self {
             State::New => "new",
             State::Cur => "cur",
@@ -148,7 +149,7 @@ impl Queue {
     }
 
     /// Creates `tmp/`, `new/` and `cur/` when missing.
-    pub fn create_dirs(&self) -> io::Result<()> {
+    pub(crate) fn create_dirs(&self) -> io::Result<()> {
         for sub in [TMP, State::New.dir_name(), State::Cur.dir_name()] {
             let path = self.dir.join(sub);
             make_dir(&path).map_err(|e| {
@@ -170,7 +171,7 @@ impl Queue {
 
     /// Opens a new queue file for `queue_id` in `tmp/`, never an existing file; `commit`
     /// moves it into `new/`.
-    pub fn create(&self, queue_id: &str) -> io::Result<QueueFile> {
+    pub(crate) fn create(&self, queue_id: &str) -> io::Result<QueueFile> {
         let name = format!("{queue_id}.{}", self.host);
         let tmp = self.dir.join(TMP).join(&name);
         let file = match open_new(&tmp, self.file_mode()) {

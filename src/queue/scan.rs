@@ -19,20 +19,23 @@ use super::{Queue, QueueError, State};
 
 /// One queue file found by [`list_messages`] or [`find_message`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Message {
+pub(crate) struct Message {
     /// The file name, `QUEUEID.HOSTNAME`.
-    pub name: OsString,
+    pub(crate) name: OsString,
     /// The queue ID: the file name up to its first dot.
-    pub queue_id: String,
+    pub(crate) queue_id: String,
     /// Which directory it is in.
-    pub state: State,
+    pub(crate) state: State,
     /// Its full path.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
 }
 
 /// The queue files in the given states, sorted by name (so by arrival) and then state.
 /// A missing state directory holds no messages; a missing `queue_dir` is an error.
-pub fn list_messages(queue_dir: &Path, states: &[State]) -> Result<Vec<Message>, QueueError> {
+pub(crate) fn list_messages(
+    queue_dir: &Path,
+    states: &[State],
+) -> Result<Vec<Message>, QueueError> {
     fs::metadata(queue_dir).map_err(|source| QueueError::Dir {
         path: queue_dir.to_path_buf(),
         source,
@@ -71,7 +74,7 @@ pub fn list_messages(queue_dir: &Path, states: &[State]) -> Result<Vec<Message>,
 /// The message whose queue ID or file name is `id`, looked for in `new/`, `cur/` and
 /// `failed/`; `None` when there is none. An `id` holding `/` or starting with `.` matches
 /// nothing.
-pub fn find_message(queue_dir: &Path, id: &str) -> Result<Option<Message>, QueueError> {
+pub(crate) fn find_message(queue_dir: &Path, id: &str) -> Result<Option<Message>, QueueError> {
     if id.is_empty() || id.starts_with('.') || id.contains('/') {
         return Ok(None);
     }
@@ -82,7 +85,7 @@ pub fn find_message(queue_dir: &Path, id: &str) -> Result<Option<Message>, Queue
 }
 
 /// The reason recorded beside a message in `failed/`, if any.
-pub fn failure_reason(message: &Message) -> Option<String> {
+pub(crate) fn failure_reason(message: &Message) -> Option<String> {
     if message.state != State::Failed {
         return None;
     }
