@@ -37,6 +37,7 @@ pub mod logging;
 pub mod message;
 pub mod netstring;
 pub mod peer;
+pub mod program;
 pub mod queue;
 pub mod reply;
 pub mod server;

@@ -66,10 +66,28 @@ impl Outcome {
     }
 }
 
+/// The error a reader returns when the server cuts the transaction off (the process is
+/// being stopped): the transaction ends as a lost connection, logged with this reason
+/// (e.g. `stopped by SIGTERM`), and its queue file is removed.
+#[derive(Debug)]
+pub struct CutOff(pub String);
+
+impl std::fmt::Display for CutOff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CutOff {}
+
 /// Why reading stopped early.
 enum Stop {
-    /// The connection broke or timed out.
-    Lost { at: Where, timeout: bool },
+    /// The connection broke, timed out, or was cut off (`cut_off` holds the reason).
+    Lost {
+        at: Where,
+        timeout: bool,
+        cut_off: Option<String>,
+    },
     /// Reply now without reading further (unparseable or undrainably large request).
     ReplyNow(Rejection),
 }
@@ -82,11 +100,15 @@ pub fn serve<R: Read, W: Write>(rdr: &mut R, wtr: &mut W, t: &Transaction<'_>) -
     let stop = s.receive(rdr).err();
     let request_read = stop.is_none();
     let reply = match stop {
-        Some(Stop::Lost { at, timeout }) => {
-            let reason = if timeout {
-                "read timeout"
-            } else {
-                "lost connection"
+        Some(Stop::Lost {
+            at,
+            timeout,
+            cut_off,
+        }) => {
+            let reason = match (&cut_off, timeout) {
+                (Some(why), _) => why.as_str(),
+                (None, true) => "read timeout",
+                (None, false) => "lost connection",
             };
             log::info!(
                 "{}: {}: {reason} while {at}",
@@ -447,8 +469,19 @@ impl<'a> Session<'a> {
 /// errors reply at once (`overflow` is what an over-long length means at this stage).
 fn stop(e: NetstringError, at: Where, overflow: Rejection) -> Stop {
     match e {
-        NetstringError::Lost(_) => Stop::Lost { at, timeout: false },
-        NetstringError::Timeout => Stop::Lost { at, timeout: true },
+        NetstringError::Lost(e) => Stop::Lost {
+            at,
+            timeout: false,
+            cut_off: e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<CutOff>())
+                .map(|why| why.0.clone()),
+        },
+        NetstringError::Timeout => Stop::Lost {
+            at,
+            timeout: true,
+            cut_off: None,
+        },
         NetstringError::Format => Stop::ReplyNow(Rejection::Format(at)),
         NetstringError::Overflow => Stop::ReplyNow(match at {
             Where::Header => overflow,

@@ -440,6 +440,26 @@ pub fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     }
 }
 
+/// How long `wait_until` waits for a condition: generous, for a slow and busy machine.
+pub const WAIT_LIMIT: Duration = Duration::from_secs(60);
+
+/// Polls `done` (every 20 ms) until it holds; panics naming `why` after `WAIT_LIMIT`.
+pub fn wait_until(why: &str, done: impl FnMut() -> bool) {
+    wait_until_within(why, WAIT_LIMIT, done);
+}
+
+/// `wait_until` with its own limit.
+pub fn wait_until_within(why: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "still waiting after {limit:?} for {why}"
+        );
+        thread::sleep(POLL);
+    }
+}
+
 /// True when `.ci/run` asked for every interop tool to be present.
 fn interop_required() -> bool {
     std::env::var_os("QMQPD_REQUIRE_INTEROP").is_some_and(|v| v == "1")
