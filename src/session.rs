@@ -69,16 +69,9 @@ impl Outcome {
 /// The error a reader returns when the server cuts the transaction off (the process is
 /// being stopped): the transaction ends as a lost connection, logged with this reason
 /// (e.g. `stopped by SIGTERM`), and its queue file is removed.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 pub struct CutOff(pub String);
-
-impl std::fmt::Display for CutOff {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for CutOff {}
 
 /// Why reading stopped early.
 enum Stop {

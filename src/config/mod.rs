@@ -16,7 +16,6 @@ mod value;
 
 use std::borrow::Cow;
 use std::cell::OnceCell;
-use std::fmt;
 use std::fs::File;
 use std::io::{self, BufReader};
 use std::path::{Path, PathBuf};
@@ -59,17 +58,20 @@ pub struct Config {
 }
 
 /// Why the configuration cannot be used.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// `main.cf` could not be opened or read.
+    #[error("cannot read {}: {source}", path.display())]
     Read { path: PathBuf, source: io::Error },
     /// A logical line or `-o` argument is not `name = value`.
+    #[error("{origin}: {reason}: \"{text}\"")]
     Syntax {
         origin: String,
         reason: &'static str,
         text: String,
     },
     /// A parameter's (expanded) value is not acceptable.
+    #[error("{origin}: bad {name} value \"{value}\": {reason}")]
     Invalid {
         origin: String,
         name: &'static str,
@@ -77,57 +79,19 @@ pub enum ConfigError {
         reason: Cow<'static, str>,
     },
     /// A `$` expression in a parameter's value cannot be expanded.
+    #[error("{origin}: cannot expand {name}: {reason}")]
     Expand {
         origin: String,
         name: &'static str,
         reason: String,
     },
     /// Expanding a parameter leads back to a parameter being expanded.
+    #[error("{origin}: macro loop in parameter \"{name}\": {chain}")]
     Loop {
         origin: String,
         name: &'static str,
         chain: String,
     },
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ConfigError::Read { path, source } => {
-                write!(f, "cannot read {}: {}", path.display(), source)
-            }
-            ConfigError::Syntax {
-                origin,
-                reason,
-                text,
-            } => write!(f, "{origin}: {reason}: \"{text}\""),
-            ConfigError::Invalid {
-                origin,
-                name,
-                value,
-                reason,
-            } => write!(f, "{origin}: bad {name} value \"{value}\": {reason}"),
-            ConfigError::Expand {
-                origin,
-                name,
-                reason,
-            } => write!(f, "{origin}: cannot expand {name}: {reason}"),
-            ConfigError::Loop {
-                origin,
-                name,
-                chain,
-            } => write!(f, "{origin}: macro loop in parameter \"{name}\": {chain}"),
-        }
-    }
-}
-
-impl std::error::Error for ConfigError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            ConfigError::Read { source, .. } => Some(source),
-            _ => None,
-        }
-    }
 }
 
 /// Parameters that exist only for `$name` expansion and cannot be set.
