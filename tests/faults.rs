@@ -12,14 +12,12 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use common::{QueueFile, Server, TestQueue, describe, request, run_bounded};
+use common::{QueueFile, Server, TestQueue, describe, request, run_bounded, wait_until};
 
 /// A safety net for every child and every wait: never expected to fire.
 const LIMIT: Duration = Duration::from_secs(60);
-/// How often the tests poll a directory or a log.
-const POLL: Duration = Duration::from_millis(10);
 
 const MESSAGE: &[u8] = b"From: a@example.org\nSubject: fault test\n\nbody\n";
 
@@ -59,15 +57,6 @@ fn ids_in_new(q: &TestQueue) -> Vec<String> {
         .collect();
     ids.sort();
     ids
-}
-
-/// Polls `what` until it holds, for at most LIMIT; panics with `why` otherwise.
-fn wait_until(why: &str, mut what: impl FnMut() -> bool) {
-    let deadline = Instant::now() + LIMIT;
-    while !what() {
-        assert!(Instant::now() < deadline, "timed out waiting: {why}");
-        std::thread::sleep(POLL);
-    }
 }
 
 /// Sets every file in `dir` back by 37 hours, past maildir's 36-hour rule.
@@ -140,14 +129,7 @@ impl Listener {
 
     /// Sends a whole request and returns the reply payload ("" when there is none).
     fn send(&self, bytes: &[u8]) -> String {
-        let mut stream = self.connect();
-        stream.write_all(bytes).unwrap();
-        let mut reply = Vec::new();
-        let _ = stream.read_to_end(&mut reply);
-        if reply.is_empty() {
-            return String::new();
-        }
-        common::text(&common::split_netstrings(&reply)[0])
+        common::send_on(self.connect(), bytes)
     }
 
     /// SIGKILL, then reap.
@@ -234,8 +216,8 @@ fn disk_full_answers_z_keeps_nothing_and_recovers() {
             .arg(common::qmqpd_bin())
             .args(q.args())
             .env("PROTO", "TCP")
-            .env("TCPREMOTEIP", "127.0.0.1")
-            .env_remove("LISTEN_FDS");
+            .env("TCPREMOTEIP", "127.0.0.1");
+        common::clear_qmqpd_env(&mut cmd);
         let out = run_bounded(&mut cmd, &big, LIMIT);
         assert_eq!(reply_of(&out), "ZError: queue file write error");
         assert_eq!(out.status.code(), Some(75), "{}", describe(&out));
@@ -625,8 +607,8 @@ fn sigkill_between_rename_and_reply_keeps_the_message_at_least_once() {
     .arg(common::qmqpd_bin())
     .args(q.args())
     .env("PROTO", "TCP")
-    .env("TCPREMOTEIP", "127.0.0.1")
-    .env_remove("LISTEN_FDS");
+    .env("TCPREMOTEIP", "127.0.0.1");
+    common::clear_qmqpd_env(&mut cmd);
     let req = request(MESSAGE, b"s@example.org", &[b"r@example.net"]);
     let out = run_bounded(&mut cmd, &req, LIMIT);
     let trace = std::fs::read_to_string(&trace).unwrap();

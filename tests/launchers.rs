@@ -13,7 +13,7 @@ mod common;
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -328,18 +328,6 @@ fn socket_activate(
     ))
 }
 
-/// Polls until `done` holds, at most RUN_LIMIT (a safety net; the tests never rely on it).
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + RUN_LIMIT;
-    while !done() {
-        assert!(
-            Instant::now() < deadline,
-            "still waiting after {RUN_LIMIT:?} for {what}"
-        );
-        thread::sleep(POLL);
-    }
-}
-
 /// Waits until systemd-socket-activate (with -a) reported `want` children's exits; asserts
 /// that each exited 0.
 fn assert_children_exited_0(sa: &Launcher, want: usize) {
@@ -350,7 +338,7 @@ fn assert_children_exited_0(sa: &Launcher, want: usize) {
             .map(str::to_owned)
             .collect()
     };
-    wait_until("every qmqpd to exit", || exits().len() >= want);
+    common::wait_until_within("every qmqpd to exit", RUN_LIMIT, || exits().len() >= want);
     let exits = exits();
     assert!(
         exits.len() == want && exits.iter().all(|l| l.ends_with(" died with code 0")),
@@ -516,7 +504,7 @@ fn socket_activate_listener_notifies_ready_watchdog_status_stopping() {
     send_qmqpc(addrs[0], &q);
     let mut seen = Vec::new();
     // qmqpd now waits for its second connection: the watchdog pings must come meanwhile.
-    wait_until("READY=1 and WATCHDOG=1", || {
+    common::wait_until_within("READY=1 and WATCHDOG=1", RUN_LIMIT, || {
         read_notifications(&notify, &mut seen);
         let all = seen.join("\n");
         all.contains("READY=1") && all.contains("WATCHDOG=1")
@@ -553,11 +541,11 @@ fn socket_activate_listener_sigterm_lets_a_running_transaction_finish() {
     stream.set_read_timeout(Some(IO_LIMIT)).unwrap();
     stream.set_write_timeout(Some(IO_LIMIT)).unwrap();
     stream.write_all(head).unwrap();
-    wait_until("qmqpd to take the connection", || {
+    common::wait_until_within("qmqpd to take the connection", RUN_LIMIT, || {
         q.log_text().contains("connect from")
     });
     kill(sa.pid(), Signal::SIGTERM).unwrap();
-    wait_until("qmqpd to stop accepting", || {
+    common::wait_until_within("qmqpd to stop accepting", RUN_LIMIT, || {
         q.log_text().contains("stopping")
     });
     // The transaction that was running when SIGTERM came still completes.
@@ -619,7 +607,7 @@ fn tcpserver_serves_qmqpc_and_qmqp_source() {
         let port: u16 = file.attribute("client_port").unwrap().parse().unwrap();
         assert_ne!(port, addr.port(), "{file:?}");
     }
-    wait_until("tcpserver to see every qmqpd exit", || {
+    common::wait_until_within("tcpserver to see every qmqpd exit", RUN_LIMIT, || {
         tcpserver_ends(&launcher.output_text()).0 == want
     });
     assert_eq!(
@@ -768,7 +756,9 @@ impl Xinetd {
                 .map(str::to_owned)
                 .collect()
         };
-        wait_until("xinetd to see every qmqpd exit", || exits().len() >= count);
+        common::wait_until_within("xinetd to see every qmqpd exit", RUN_LIMIT, || {
+            exits().len() >= count
+        });
         exits()
     }
 }
@@ -798,27 +788,13 @@ fn args_without_maillog(q: &TestQueue) -> Vec<String> {
 /// Connects to `addr`, sends `request`, half-closes and returns every byte the server sent
 /// until it closed; panics when the connection ends with an error (a reset).
 fn exchange(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
-    match exchange_until_error(addr, request) {
+    match common::exchange_until_error(addr, request) {
         (reply, None) => reply,
         (reply, Some(e)) => panic!(
             "reading the reply from {addr}: {e}, after {:?}",
             text(&reply)
         ),
     }
-}
-
-/// Like `exchange`, but returns what arrived before an error together with the error.
-fn exchange_until_error(addr: SocketAddr, request: &[u8]) -> (Vec<u8>, Option<std::io::Error>) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(IO_LIMIT)).unwrap();
-    stream.set_write_timeout(Some(IO_LIMIT)).unwrap();
-    // The server may answer without reading (a configuration error): a failed write is
-    // not the point here, what the client reads is.
-    let _ = stream.write_all(request);
-    let _ = stream.shutdown(Shutdown::Write);
-    let mut reply = Vec::new();
-    let error = stream.read_to_end(&mut reply).err();
-    (reply, error)
 }
 
 /// Asserts that `bytes` are exactly one netstring starting with `prefix`.
@@ -908,7 +884,7 @@ fn xinetd_client_gets_only_a_z_reply_on_a_configuration_error() {
     let ok = common::request(MESSAGE, SENDER.as_bytes(), &[RECIPIENT.as_bytes()]);
     // qmqpd answers without reading the request; whether the close then resets the
     // connection is checked by configuration_error_z_reply_ends_without_a_reset.
-    let (reply, _reset) = exchange_until_error(x.addr, &ok);
+    let (reply, _reset) = common::exchange_until_error(x.addr, &ok);
     assert_only_reply(&reply, "ZError: ", &x.log_text());
     assert!(q.files("new").is_empty());
     let exits = x.exits(1);
@@ -1057,7 +1033,7 @@ fn missing_mail_owner_gets_z_and_exit_78_under_a_launcher() {
         describe(&output)
     );
     assert!(q.files("new").is_empty());
-    wait_until("qmqpd to exit", || {
+    common::wait_until_within("qmqpd to exit", RUN_LIMIT, || {
         sa.output_text().contains("died with code")
     });
     assert!(
@@ -1084,7 +1060,7 @@ fn configuration_error_z_reply_ends_without_a_reset() {
         return;
     };
     let ok = common::request(MESSAGE, SENDER.as_bytes(), &[RECIPIENT.as_bytes()]);
-    let (reply, error) = exchange_until_error(addrs[0], &ok);
+    let (reply, error) = common::exchange_until_error(addrs[0], &ok);
     assert_only_reply(&reply, "ZError: ", &sa.output_text());
     assert!(
         error.is_none(),
@@ -1152,7 +1128,7 @@ fn socket_activate_unix_listener_serves_local_clients_as_localhost() {
         what: "systemd-socket-activate (unix)".to_owned(),
         output,
     };
-    wait_until("the UNIX socket", || path.exists());
+    common::wait_until_within("the UNIX socket", RUN_LIMIT, || path.exists());
     let mut stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
     stream.set_read_timeout(Some(IO_LIMIT)).unwrap();
     let reply = qmqpd::client::send(

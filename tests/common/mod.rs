@@ -118,19 +118,32 @@ impl TestQueue {
     }
 }
 
-/// qmqpd in stdin mode as tcpserver starts it for a client at 127.0.0.1:40000: the queue's
-/// arguments, `extra`, the UCSPI variables, and none of the variables that would change the
-/// mode or the configuration (LISTEN_*, MAIL_CONFIG, a client name).
-pub fn stdin_qmqpd(q: &TestQueue, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(qmqpd_bin());
-    cmd.args(q.args())
-        .args(extra)
-        .env_remove("LISTEN_FDS")
+/// Removes from `cmd`'s environment the variables that would change qmqpd's mode or
+/// configuration behind a test's back: LISTEN_* (systemd sockets), MAIL_CONFIG, and a
+/// launcher's client name.
+pub fn clear_qmqpd_env(cmd: &mut Command) -> &mut Command {
+    cmd.env_remove("LISTEN_FDS")
         .env_remove("LISTEN_PID")
         .env_remove("MAIL_CONFIG")
         .env_remove("TCPREMOTEHOST")
         .env_remove("TCP6REMOTEHOST")
-        .env("PROTO", "TCP")
+}
+
+/// qmqpd in stdin mode with the queue's arguments and `extra`, and none of the variables
+/// `clear_qmqpd_env` removes; the caller says who the client is (or leaves it unknown).
+pub fn bare_stdin_qmqpd(q: &TestQueue, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(qmqpd_bin());
+    cmd.args(q.args()).args(extra);
+    clear_qmqpd_env(&mut cmd);
+    cmd
+}
+
+/// qmqpd in stdin mode as tcpserver starts it for a client at 127.0.0.1:40000: the queue's
+/// arguments, `extra`, the UCSPI variables, and none of the variables that would change the
+/// mode or the configuration (LISTEN_*, MAIL_CONFIG, a client name).
+pub fn stdin_qmqpd(q: &TestQueue, extra: &[&str]) -> Command {
+    let mut cmd = bare_stdin_qmqpd(q, extra);
+    cmd.env("PROTO", "TCP")
         .env("TCPREMOTEIP", "127.0.0.1")
         .env("TCPREMOTEPORT", "40000");
     cmd
@@ -233,6 +246,16 @@ impl Server {
     /// have taken the port). None, with the reason on stderr, when this machine cannot bind
     /// `ip` at all (no IPv6 loopback).
     pub fn start_at(q: &TestQueue, ip: IpAddr, extra: &[&str]) -> Option<Server> {
+        Server::start_with_env(q, ip, extra, &[])
+    }
+
+    /// `start_at`, with these variables added to qmqpd's environment.
+    pub fn start_with_env(
+        q: &TestQueue,
+        ip: IpAddr,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Option<Server> {
         let mut last_exit = None;
         for _attempt in 0..5 {
             let addr = match TcpListener::bind(SocketAddr::new(ip, 0)).and_then(|l| l.local_addr())
@@ -248,6 +271,7 @@ impl Server {
                 .arg(addr.to_string())
                 .args(q.args())
                 .args(extra)
+                .envs(env.iter().copied())
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .spawn()
@@ -348,18 +372,12 @@ impl Server {
         let mut stream = self.connect();
         stream.write_all(bytes).expect("cannot write the request");
         let _ = stream.shutdown(std::net::Shutdown::Write);
-        let mut reply = Vec::new();
-        let _ = stream.read_to_end(&mut reply);
-        reply
+        read_all(&mut stream)
     }
 
     /// A connection to the server with the tests' safety timeouts.
     pub fn connect(&self) -> TcpStream {
-        let stream = TcpStream::connect(self.addr)
-            .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", self.addr));
-        stream.set_read_timeout(Some(IO_LIMIT)).expect("timeout");
-        stream.set_write_timeout(Some(IO_LIMIT)).expect("timeout");
-        stream
+        connect(self.addr)
     }
 }
 
@@ -368,6 +386,52 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A connection to `addr` with the tests' safety timeouts (never expected to fire).
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let stream =
+        TcpStream::connect(addr).unwrap_or_else(|e| panic!("cannot connect to {addr}: {e}"));
+    stream.set_read_timeout(Some(IO_LIMIT)).expect("timeout");
+    stream.set_write_timeout(Some(IO_LIMIT)).expect("timeout");
+    stream
+}
+
+/// Every byte the server sends until it closes (an error ends the reading too).
+pub fn read_all(stream: &mut TcpStream) -> Vec<u8> {
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply);
+    reply
+}
+
+/// Sends `bytes` on `stream` (without half-closing) and returns the reply's payload, the
+/// status letter and text ("" when the server closed without a reply).
+pub fn send_on(mut stream: TcpStream, bytes: &[u8]) -> String {
+    stream.write_all(bytes).expect("cannot write the request");
+    reply_payload(&read_all(&mut stream))
+}
+
+/// The payload of the one reply netstring in `bytes`, "" when there is none.
+pub fn reply_payload(bytes: &[u8]) -> String {
+    if bytes.is_empty() {
+        return String::new();
+    }
+    let parts = split_netstrings(bytes);
+    assert_eq!(parts.len(), 1, "one reply: {}", text(bytes));
+    text(&parts[0])
+}
+
+/// Connects to `addr`, sends `request`, half-closes and returns what arrived until the
+/// server closed, together with the error that ended the reading, if any (a reset).
+pub fn exchange_until_error(addr: SocketAddr, request: &[u8]) -> (Vec<u8>, Option<std::io::Error>) {
+    let mut stream = connect(addr);
+    // The server may answer without reading (a configuration error): a failed write is
+    // not the point here, what the client reads is.
+    let _ = stream.write_all(request);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut reply = Vec::new();
+    let error = stream.read_to_end(&mut reply).err();
+    (reply, error)
 }
 
 /// Runs `cmd` with `stdin` as its input and captures stdout and stderr; kills it and
