@@ -105,7 +105,7 @@ fn weekday_name(weekday: u32) -> &'static str {
 /// RFC 5322 date: "Sat, 28 Nov 2026 12:40:57 +0000"
 ///
 /// The day of the month is not padded ("Sun, 1 Nov 2026 ..."), as in RFC 5322's examples.
-pub fn rfc5322(t: SystemTime) -> String {
+pub(crate) fn rfc5322(t: SystemTime) -> String {
     let c = civil(unix_seconds(t));
     format!(
         "{}, {} {} {:04} {:02}:{:02}:{:02} +0000",
@@ -120,7 +120,7 @@ pub fn rfc5322(t: SystemTime) -> String {
 }
 
 /// syslog RFC 3164 stamp: "Nov 28 12:40:57" (day space-padded as rsyslog shows "Nov  8")
-pub fn syslog_stamp(t: SystemTime) -> String {
+pub(crate) fn syslog_stamp(t: SystemTime) -> String {
     let c = civil(unix_seconds(t));
     format!(
         "{} {:>2} {:02}:{:02}:{:02}",

@@ -34,7 +34,7 @@ pub mod date;
 pub mod deliver;
 pub mod listen;
 pub mod logging;
-pub mod message;
+mod message;
 pub mod netstring;
 pub mod peer;
 pub mod program;

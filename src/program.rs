@@ -118,7 +118,7 @@ impl Stop {
     }
 
     /// A descriptor that becomes readable when the stop is set, for `poll`.
-    pub fn wake_fd(&self) -> BorrowedFd<'_> {
+    pub(crate) fn wake_fd(&self) -> BorrowedFd<'_> {
         self.wake_rx.as_fd()
     }
 

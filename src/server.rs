@@ -46,25 +46,41 @@ const STRESS_CHECK: Duration = Duration::from_secs(1);
 
 /// What every connection needs: the configuration and what was built from it at start-up.
 pub struct Service {
-    pub params: Params,
-    pub clients: MatchList,
-    pub debug_peers: MatchList,
-    pub queue: Queue,
-    pub env: LaunchEnv,
+    pub(crate) params: Params,
+    pub(crate) clients: MatchList,
+    pub(crate) debug_peers: MatchList,
+    pub(crate) queue: Queue,
+    pub(crate) env: LaunchEnv,
     /// Where client names come from when the launcher gave none.
-    pub resolver: Arc<dyn Resolver>,
+    pub(crate) resolver: Arc<dyn Resolver>,
     /// How long a name look-up may take.
-    pub peername_limit: Duration,
+    pub(crate) peername_limit: Duration,
     /// Names already looked up, shared by a listener's connections.
-    pub names: NameCache,
+    pub(crate) names: NameCache,
     /// Set by the accept loop while every connection slot is busy.
-    pub stress: AtomicBool,
+    pub(crate) stress: AtomicBool,
     /// A one-shot process's stop signal: when it comes, the request being read is cut off
     /// (logged, its queue file removed). A listener lets running transactions finish.
-    pub cut_off: Option<Arc<Stop>>,
+    pub(crate) cut_off: Option<Arc<Stop>>,
 }
 
 impl Service {
+    /// The configuration it was built from.
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    /// The queue it writes to.
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    /// One-shot processes: when `stop` comes, the request being read is cut off (logged,
+    /// its queue file removed). A listener lets running transactions finish instead.
+    pub fn cut_off_by(&mut self, stop: Arc<Stop>) {
+        self.cut_off = Some(stop);
+    }
+
     /// Builds the service; a broken access list is a configuration error.
     pub fn new(params: Params, env: LaunchEnv) -> Result<Service, AccessError> {
         let clients =
@@ -115,7 +131,7 @@ impl Connection {
     }
 
     /// Who is at the other end, according to the descriptor.
-    pub fn peer(&self) -> SocketPeer {
+    pub(crate) fn peer(&self) -> SocketPeer {
         peer::socket_peer(self.rd.as_fd())
     }
 }

@@ -19,7 +19,7 @@ use crate::queue::{self, Attributes, Queue, QueueFile};
 use crate::reply::{Rejection, Reply, Where};
 
 /// A rejected request is drained only while its declared length is at most this many times
-/// `message_size_limit` (DESIGN §5).
+/// `message_size_limit`: a larger rejected request gets its reply at once, unread.
 const DRAIN_FACTOR: u64 = 4;
 /// The drain bound when `message_size_limit` is 0 (no limit): four times the default limit.
 const DRAIN_FALLBACK: u64 = 4 * 10_240_000;
@@ -197,13 +197,12 @@ impl<'a> Session<'a> {
         // Unbuffered, one byte a read, so nothing after the `:` is taken.
         let len = netstring::read_len(&mut BufReader::with_capacity(1, &mut *rdr), None)
             .map_err(|e| stop(e, Where::Header, Rejection::TooLarge))?;
-        if params.message_size_limit > 0 && len > params.message_size_limit {
+        if params.size_limit().is_some_and(|limit| len > limit) {
             self.reject(Rejection::TooLarge);
         }
-        let drain_limit = match params.message_size_limit {
-            0 => DRAIN_FALLBACK,
-            n => n.saturating_mul(DRAIN_FACTOR),
-        };
+        let drain_limit = params
+            .size_limit()
+            .map_or(DRAIN_FALLBACK, |limit| limit.saturating_mul(DRAIN_FACTOR));
         // A request rejected now, or later (hops, addresses...), is drained only when it is
         // not far too large.
         let undrainable = len > drain_limit;

@@ -153,7 +153,7 @@ fn run() -> u8 {
         (Some(Err(e)), waiting) => fail_logged(&e, &waiting),
         // The waiting client is the connection on stdin/stdout or the passed socket.
         (None, Waiting::Client(conn)) => {
-            svc.cut_off = Some(Arc::clone(&stop));
+            svc.cut_off_by(Arc::clone(&stop));
             serve_once(&svc, conn, &stop)
         }
         (None, Waiting::Nobody) => fail_logged(
@@ -186,7 +186,7 @@ fn exit_status(outcome: &Outcome) -> u8 {
 
 fn serve_listeners(svc: Service, listeners: &[Listener], self_bound: bool, stop: &Stop) -> u8 {
     remove_stale_tmp(&svc);
-    let params = &svc.params;
+    let params = svc.params();
     let limits = Limits {
         max_use: (!self_bound).then_some(params.max_use),
         // max_idle = 0 means no idle exit (exiting before the first accept would make systemd
@@ -210,13 +210,16 @@ fn serve_listeners(svc: Service, listeners: &[Listener], self_bound: bool, stop:
 }
 
 fn remove_stale_tmp(svc: &Service) {
-    match svc.queue.remove_stale_tmp(STALE_TMP_AGE, SystemTime::now()) {
+    match svc
+        .queue()
+        .remove_stale_tmp(STALE_TMP_AGE, SystemTime::now())
+    {
         Ok(0) => {}
         Ok(n) => log::info!(
             "removed {n} stale files from {}/tmp",
-            svc.queue.dir().display()
+            svc.queue().dir().display()
         ),
-        Err(e) => log::debug!("cannot scan {}/tmp: {e}", svc.queue.dir().display()),
+        Err(e) => log::debug!("cannot scan {}/tmp: {e}", svc.queue().dir().display()),
     }
 }
 

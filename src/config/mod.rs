@@ -31,7 +31,7 @@ pub use value::parse_time;
 /// Why a value is not acceptable, as the value parsers say it.
 pub(crate) type Reason = Cow<'static, str>;
 
-pub const DEFAULT_CONFIG_DIR: &str = "/etc/qmqpd";
+pub(crate) const DEFAULT_CONFIG_DIR: &str = "/etc/qmqpd";
 
 /// Where the configuration comes from (already extracted from argv/env by the binary).
 #[derive(Debug, Clone, Default)]
