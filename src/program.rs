@@ -68,14 +68,7 @@ impl Stop {
     /// commands started later get a clean mask) and starts a thread that waits for them,
     /// calls `on_signal`, then sets the stop. Call before starting any other thread.
     pub fn install(on_signal: impl Fn(Signal) + Send + 'static) -> io::Result<Arc<Stop>> {
-        let (wake_rx, wake_tx) = UnixStream::pair()?;
-        let stop = Arc::new(Stop {
-            flag: AtomicBool::new(false),
-            signal: Mutex::new(None),
-            wake: Condvar::new(),
-            wake_rx,
-            wake_tx,
-        });
+        let stop = Stop::new()?;
         let mut set = SigSet::empty();
         set.add(Signal::SIGTERM);
         set.add(Signal::SIGINT);
@@ -90,6 +83,18 @@ impl Stop {
                 }
             })?;
         Ok(stop)
+    }
+
+    /// A stop that only [`Stop::set`] sets (no signal is waited for).
+    pub fn new() -> io::Result<Arc<Stop>> {
+        let (wake_rx, wake_tx) = UnixStream::pair()?;
+        Ok(Arc::new(Stop {
+            flag: AtomicBool::new(false),
+            signal: Mutex::new(None),
+            wake: Condvar::new(),
+            wake_rx,
+            wake_tx,
+        }))
     }
 
     /// Sets the stop as `sig` would, waking every waiter.

@@ -31,6 +31,8 @@ use crate::session::{self, CutOff, End, Outcome, Transaction};
 const LINGER: Duration = Duration::from_secs(2);
 /// How long a stopping listener waits for running transactions at most.
 const STOP_GRACE: Duration = Duration::from_secs(30);
+/// How long a stopping listener then waits for the transactions it cut off to clean up.
+const CUT_OFF_WAIT: Duration = Duration::from_secs(5);
 /// The longest a client's host name look-up may take (further bounded by qmqpd_timeout).
 const PEERNAME_LIMIT: Duration = Duration::from_secs(5);
 /// How long a listener reuses a client's looked-up name (one-shot processes never do).
@@ -59,8 +61,8 @@ pub struct Service {
     pub(crate) names: NameCache,
     /// Set by the accept loop while every connection slot is busy.
     pub(crate) stress: AtomicBool,
-    /// A one-shot process's stop signal: when it comes, the request being read is cut off
-    /// (logged, its queue file removed). A listener lets running transactions finish.
+    /// When set, the requests being read are cut off (logged, their queue files removed):
+    /// a one-shot process's stop signal, or a listener's own stop after its grace period.
     pub(crate) cut_off: Option<Arc<Stop>>,
 }
 
@@ -75,8 +77,9 @@ impl Service {
         &self.queue
     }
 
-    /// One-shot processes: when `stop` comes, the request being read is cut off (logged,
-    /// its queue file removed). A listener lets running transactions finish instead.
+    /// When `stop` is set, the requests being read are cut off (logged, their queue files
+    /// removed). A one-shot process passes its stop signal; a listener a stop of its own,
+    /// which the accept loop sets once running transactions had their grace period.
     pub fn cut_off_by(&mut self, stop: Arc<Stop>) {
         self.cut_off = Some(stop);
     }
@@ -515,8 +518,7 @@ pub fn run_listeners(
     }
     // Let running transactions finish. After max_use or max_idle they all may (each is
     // bounded by daemon_timeout); after SIGTERM/SIGINT only for a grace period, since the
-    // service manager is waiting (what is cut off is not acknowledged, and its tmp/ file is
-    // removed by a later run).
+    // service manager is waiting (what is then cut off is not acknowledged).
     notifier.stopping(served, active.get());
     let grace = if stop.is_set() {
         STOP_GRACE.min(svc.params.qmqpd_timeout)
@@ -530,6 +532,18 @@ pub fn run_listeners(
         let left = deadline.saturating_duration_since(Instant::now());
         active.wait_below(1, left.min(notifier.interval()));
         notifier.tick(served, active.get());
+    }
+    // What is still being read is cut off: each transaction logs what it lost and removes
+    // its queue file before the process exits.
+    if let (Some(sig), Some(cut_off)) = (stop.signal(), &svc.cut_off)
+        && active.get() > 0
+    {
+        cut_off.set(sig);
+        let deadline = Instant::now() + CUT_OFF_WAIT;
+        while active.get() > 0 && Instant::now() < deadline {
+            active.wait_below(1, notifier.interval());
+            notifier.tick(served, active.get());
+        }
     }
     Ok(served)
 }

@@ -177,6 +177,39 @@ fn sigterm_cuts_off_a_per_connection_transaction_removing_its_queue_file() {
     );
 }
 
+#[test]
+fn sigterm_cuts_off_a_listener_transaction_after_the_grace_period() {
+    let q = TestQueue::new();
+    // The grace period is qmqpd_timeout here (shorter than 30 s); a client that keeps
+    // sending is never cut by the timeout itself.
+    let mut server = common::Server::start(&q, &["-o", "qmqpd_timeout=2s"]);
+    let mut stream = server.connect();
+    stream.write_all(b"100000:99000:Subject: slow\n\n").unwrap();
+    common::wait_until("the queue file in tmp/", || q.files("tmp").len() == 1);
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(server.pid()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let dribbler = std::thread::spawn(move || {
+        // One byte every 100 ms until qmqpd closes the connection (at most 600 bytes).
+        for _ in 0..600 {
+            if stream.write_all(b"x").is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let status = server.wait(LIMIT).expect("qmqpd did not stop");
+    dribbler.join().unwrap();
+    assert_eq!(status.code(), Some(0), "{status}");
+    assert!(q.files("tmp").is_empty(), "tmp/: {:?}", q.files("tmp"));
+    assert!(q.files("new").is_empty(), "new/: {:?}", q.files("new"));
+    let log = q.log_text();
+    assert!(
+        log.lines().any(|l| l
+            .contains(": unknown[127.0.0.1]: stopped by SIGTERM while receiving message content")),
+        "no cut-off line in the log:\n{log}"
+    );
+}
+
 /// Kills and reaps a child when dropped, also when the test fails.
 struct ChildGuard<'a>(&'a mut std::process::Child);
 

@@ -184,8 +184,12 @@ fn exit_status(outcome: &Outcome) -> u8 {
     }
 }
 
-fn serve_listeners(svc: Service, listeners: &[Listener], self_bound: bool, stop: &Stop) -> u8 {
+fn serve_listeners(mut svc: Service, listeners: &[Listener], self_bound: bool, stop: &Stop) -> u8 {
     remove_stale_tmp(&svc);
+    match Stop::new() {
+        Ok(cut_off) => svc.cut_off_by(cut_off),
+        Err(e) => log::warn!("cannot set up cutting off transactions at stop: {e}"),
+    }
     let params = svc.params();
     let limits = Limits {
         max_use: (!self_bound).then_some(params.max_use),
