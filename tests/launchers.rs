@@ -346,10 +346,11 @@ fn assert_children_exited_0(sa: &Launcher, want: usize) {
     );
 }
 
-#[test]
-fn socket_activate_inetd_serves_qmqpc_and_qmqp_source() {
+/// qmqpd started per connection by systemd-socket-activate with `tool_args`: two qmqpc
+/// messages and three from qmqp-source (when installed) land, and every qmqpd exits 0.
+fn socket_activate_per_connection_serves_qmqpc_and_qmqp_source(tool_args: &[&str]) {
     let q = TestQueue::new();
-    let Some((sa, addrs)) = socket_activate(&q, &[false], &["-a", "--inetd"], &[]) else {
+    let Some((sa, addrs)) = socket_activate(&q, &[false], tool_args, &[]) else {
         return;
     };
     send_qmqpc(addrs[0], &q);
@@ -359,28 +360,21 @@ fn socket_activate_inetd_serves_qmqpc_and_qmqp_source() {
         send_qmqp_source(&tool, addrs[0], 3, 1);
         want += 3;
     }
-    // Connections came on fds 0 and 1: the peer is the socket's (no environment here).
+    // No environment names the client here: the peer is the socket's.
     assert_landed(&q, want, "127.0.0.1");
     assert_children_exited_0(&sa, want);
 }
 
 #[test]
+fn socket_activate_inetd_serves_qmqpc_and_qmqp_source() {
+    // Connections come on fds 0 and 1.
+    socket_activate_per_connection_serves_qmqpc_and_qmqp_source(&["-a", "--inetd"]);
+}
+
+#[test]
 fn socket_activate_connection_on_fd_3_serves_qmqpc_and_qmqp_source() {
-    let q = TestQueue::new();
     // Like systemd's Accept=yes without StandardInput=socket: LISTEN_FDS=1, fd 3 connected.
-    let tool_args = ["-a", "--fdname=connection"];
-    let Some((sa, addrs)) = socket_activate(&q, &[false], &tool_args, &[]) else {
-        return;
-    };
-    send_qmqpc(addrs[0], &q);
-    send_qmqpc(addrs[0], &q);
-    let mut want = 2;
-    if let Some(tool) = qmqp_source() {
-        send_qmqp_source(&tool, addrs[0], 3, 1);
-        want += 3;
-    }
-    assert_landed(&q, want, "127.0.0.1");
-    assert_children_exited_0(&sa, want);
+    socket_activate_per_connection_serves_qmqpc_and_qmqp_source(&["-a", "--fdname=connection"]);
 }
 
 #[test]
@@ -763,28 +757,6 @@ impl Xinetd {
     }
 }
 
-/// `q.args()` without maillog_file: qmqpd has no log file and (without /dev/log) would be
-/// tempted to log to stderr, which under xinetd is the client connection.
-fn args_without_maillog(q: &TestQueue) -> Vec<String> {
-    let args = q.args();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < args.len() {
-        if args[i] == "-o"
-            && args
-                .get(i + 1)
-                .is_some_and(|a| a.starts_with("maillog_file="))
-        {
-            i += 2;
-            continue;
-        }
-        out.push(args[i].clone());
-        i += 1;
-    }
-    assert_eq!(out.len() + 2, args.len(), "no maillog_file in {args:?}");
-    out
-}
-
 /// Connects to `addr`, sends `request`, half-closes and returns every byte the server sent
 /// until it closed; panics when the connection ends with an error (a reset).
 fn exchange(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
@@ -846,7 +818,7 @@ fn xinetd_ipv6_flag_serves_ipv6_clients() {
 #[test]
 fn xinetd_client_gets_only_the_reply_while_qmqpd_warns_without_a_log_file() {
     let q = TestQueue::new();
-    let mut args = args_without_maillog(&q);
+    let mut args = q.args_without_maillog();
     // An unknown parameter is a warning; -v -v adds debug lines: all of it must stay off
     // fds 1 and 2, which xinetd made the connection too.
     args.extend(["-o", "no_such_parameter=1", "-v", "-v"].map(String::from));
@@ -875,7 +847,7 @@ fn xinetd_client_gets_only_the_reply_while_qmqpd_warns_without_a_log_file() {
 fn xinetd_client_gets_only_a_z_reply_on_a_configuration_error() {
     let q = TestQueue::new();
     let missing = q.dir.path().join("no-such-config-dir");
-    let mut args = args_without_maillog(&q);
+    let mut args = q.args_without_maillog();
     // The first -c is the test queue's; a later one wins.
     args.extend(["-c".to_owned(), missing.display().to_string()]);
     let Some(x) = Xinetd::start(&q, false, &args) else {

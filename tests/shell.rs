@@ -96,14 +96,7 @@ fn listen_mode_logs_to_stderr_shared_with_stdout() {
         .local_addr()
         .unwrap();
     // `qmqpd --listen ADDR >FILE 2>&1`, without maillog_file and without syslog.
-    let args = [
-        "-c".to_owned(),
-        q.config_dir().display().to_string(),
-        "-o".to_owned(),
-        format!("queue_directory={}", q.queue_dir().display()),
-        "-o".to_owned(),
-        format!("mail_owner={}", common::current_user()),
-    ];
+    let args = q.args_without_maillog();
     let mut child = Command::new(qmqpd_bin())
         .arg("--listen")
         .arg(addr.to_string())

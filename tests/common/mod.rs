@@ -105,6 +105,18 @@ impl TestQueue {
         ]
     }
 
+    /// `args()` without `-o maillog_file=...`: qmqpd then logs to syslog, or to stderr
+    /// where that is allowed.
+    pub fn args_without_maillog(&self) -> Vec<String> {
+        let mut args = self.args();
+        let at = args
+            .iter()
+            .position(|a| a.starts_with("maillog_file="))
+            .expect("args() sets maillog_file");
+        args.drain(at - 1..=at);
+        args
+    }
+
     /// Sorted entries of queue/<sub> ("new", "tmp", "cur"); empty if missing.
     pub fn files(&self, sub: &str) -> Vec<PathBuf> {
         let Ok(entries) = std::fs::read_dir(self.queue_dir().join(sub)) else {
