@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 /// Exit status: success (and, for qmqpd, a transaction that ended normally: K, D, or a
 /// client that went away).
@@ -59,19 +61,31 @@ pub struct Stop {
     flag: AtomicBool,
     signal: Mutex<Option<Signal>>,
     wake: Condvar,
-    wake_rx: UnixStream,
-    wake_tx: UnixStream,
+    source: Source,
+}
+
+/// How a stop becomes visible to a poller.
+#[derive(Debug)]
+enum Source {
+    /// [`Stop::set`] writes a byte into the pair (from the signal thread, or the program).
+    Pair { rx: UnixStream, tx: UnixStream },
+    /// The blocked signals themselves, read from a signalfd when someone looks: no thread.
+    Signals(SignalFd),
 }
 
 impl Stop {
+    /// A stop that only [`Stop::set`] sets (no signal is waited for).
+    pub fn new() -> io::Result<Arc<Stop>> {
+        let (rx, tx) = UnixStream::pair()?;
+        Ok(Arc::new(Stop::from(Source::Pair { rx, tx })))
+    }
+
     /// Blocks SIGTERM and SIGINT in this thread (and so in every thread started later;
     /// commands started later get a clean mask) and starts a thread that waits for them,
     /// calls `on_signal`, then sets the stop. Call before starting any other thread.
     pub fn install(on_signal: impl Fn(Signal) + Send + 'static) -> io::Result<Arc<Stop>> {
         let stop = Stop::new()?;
-        let mut set = SigSet::empty();
-        set.add(Signal::SIGTERM);
-        set.add(Signal::SIGINT);
+        let set = stop_signals();
         set.thread_block()?;
         let waiter = Arc::clone(&stop);
         std::thread::Builder::new()
@@ -85,16 +99,24 @@ impl Stop {
         Ok(stop)
     }
 
-    /// A stop that only [`Stop::set`] sets (no signal is waited for).
-    pub fn new() -> io::Result<Arc<Stop>> {
-        let (wake_rx, wake_tx) = UnixStream::pair()?;
-        Ok(Arc::new(Stop {
+    /// Blocks SIGTERM and SIGINT like [`Stop::install`], but starts no thread: the signals
+    /// wait in a signalfd until [`Stop::is_set`] or [`Stop::signal`] looks, or a `poll` on
+    /// [`Stop::wake_fd`] sees them. For a process that serves one connection, where a
+    /// thread would cost more than everything else it starts.
+    pub fn watch() -> io::Result<Arc<Stop>> {
+        let set = stop_signals();
+        set.thread_block()?;
+        let fd = SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
+        Ok(Arc::new(Stop::from(Source::Signals(fd))))
+    }
+
+    fn from(source: Source) -> Stop {
+        Stop {
             flag: AtomicBool::new(false),
             signal: Mutex::new(None),
             wake: Condvar::new(),
-            wake_rx,
-            wake_tx,
-        }))
+            source,
+        }
     }
 
     /// Sets the stop as `sig` would, waking every waiter.
@@ -104,33 +126,62 @@ impl Stop {
         self.flag.store(true, Ordering::SeqCst);
         self.wake.notify_all();
         drop(signal);
-        let _ = (&self.wake_tx).write(b"x");
+        if let Source::Pair { tx, .. } = &self.source {
+            let _ = (&*tx).write(b"x");
+        }
+    }
+
+    /// Takes a signal waiting in the signalfd, if any.
+    fn take_pending(&self) {
+        if let Source::Signals(fd) = &self.source
+            && !self.flag.load(Ordering::SeqCst)
+            && let Ok(Some(info)) = fd.read_signal()
+            && let Some(sig) = i32::try_from(info.ssi_signo)
+                .ok()
+                .and_then(|n| Signal::try_from(n).ok())
+        {
+            self.set(sig);
+        }
     }
 
     /// True once a stop signal came.
     pub fn is_set(&self) -> bool {
+        self.take_pending();
         self.flag.load(Ordering::SeqCst)
     }
 
     /// The first stop signal that came, if any.
     pub fn signal(&self) -> Option<Signal> {
+        self.take_pending();
         *self.signal.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The flag itself, for loops that only look at it.
+    /// The flag itself, for loops that only look at it (set by [`Stop::install`]'s thread
+    /// or [`Stop::set`]; a [`Stop::watch`] sets it only when someone looks).
     pub fn flag(&self) -> &AtomicBool {
         &self.flag
     }
 
     /// A descriptor that becomes readable when the stop is set, for `poll`.
-    pub(crate) fn wake_fd(&self) -> BorrowedFd<'_> {
-        self.wake_rx.as_fd()
+    pub fn wake_fd(&self) -> BorrowedFd<'_> {
+        match &self.source {
+            Source::Pair { rx, .. } => rx.as_fd(),
+            Source::Signals(fd) => fd.as_fd(),
+        }
     }
 
     /// Sleeps for `d`, or until stopped.
     pub fn sleep(&self, d: Duration) {
+        if let Source::Signals(fd) = &self.source {
+            let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+            let _ = poll(
+                &mut fds,
+                PollTimeout::try_from(d).unwrap_or(PollTimeout::MAX),
+            );
+            return;
+        }
         let guard = self.signal.lock().unwrap_or_else(PoisonError::into_inner);
-        if self.is_set() {
+        if self.flag.load(Ordering::SeqCst) {
             return;
         }
         // A spurious wake-up only makes the caller look around early.
@@ -139,6 +190,14 @@ impl Stop {
             .wait_timeout(guard, d)
             .unwrap_or_else(PoisonError::into_inner);
     }
+}
+
+/// The signals that stop a program: SIGTERM and SIGINT.
+fn stop_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set
 }
 
 /// Ends the process the way `sig` would have without our handling, so that the supervisor

@@ -111,11 +111,11 @@ fn run() -> u8 {
             }
         };
     }
-    let stop = Stop::install(move |sig| {
-        if listener {
-            log::info!("{sig}: stopping: no new connections");
-        }
-    });
+    let stop = if listener {
+        Stop::install(|sig| log::info!("{sig}: stopping: no new connections"))
+    } else {
+        Stop::watch()
+    };
     let cfg = match loaded {
         Ok(cfg) => cfg,
         Err(e) => return fail_config(&e.to_string(), listener, &waiting),
