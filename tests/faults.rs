@@ -468,6 +468,8 @@ fn sigkill_during_transfer_leaves_nothing_in_new_and_tmp_is_cleaned_later() {
         // Past the outer length (so the queue file exists), before the last byte.
         let cut = usize::try_from(rng.range(20, req.len() as u64)).unwrap();
         let linger = Duration::from_micros(rng.range(0, 20_000));
+        // Counted before qmqpd starts: it may create its file before the count otherwise.
+        let tmp_before = q.files("tmp").len();
         let mut child = common::stdin_qmqpd(&q, &[])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -482,7 +484,6 @@ fn sigkill_during_transfer_leaves_nothing_in_new_and_tmp_is_cleaned_later() {
             // Keep the pipe open until the kill, so qmqpd is still reading when it dies.
             let _ = done_rx.recv_timeout(LIMIT);
         });
-        let tmp_before = q.files("tmp").len();
         wait_until("qmqpd creates its tmp/ file", || {
             q.files("tmp").len() > tmp_before
         });
