@@ -249,7 +249,7 @@ pub fn check_netstring(data: &[u8]) -> &'static str {
     "reply"
 }
 
-/// The replies §5 of DESIGN.md allows, without their status letter.
+/// The replies qmqpd may give (docs/ and man/qmqpd.8 list them), without their status letter.
 const CHECK_REPLY_TEXTS: [&str; 11] = [
     "Ok: queued as ",
     "Error: message too large",
@@ -297,7 +297,7 @@ fn check_parse_request(bytes: &[u8]) -> Option<CheckRequest<'_>> {
 /// is what the client sends.
 ///
 /// Invariants: no panic; `tmp/` empty afterwards; the reply is exactly one netstring
-/// starting with K, Z or D and holding one of DESIGN §5's texts (Z only under soft_bounce:
+/// starting with K, Z or D and holding one of those texts (Z only under soft_bounce:
 /// the scratch queue never fails), or nothing when the input ended early; `new/` holds a file
 /// exactly when the reply is K, and that file is the request's envelope and message (our
 /// Received: header first, the content as its suffix); K only for a request that a strict
@@ -391,7 +391,7 @@ pub fn check_transaction(dir: &std::path::Path, data: &[u8]) -> &'static str {
     );
     assert!(
         CHECK_REPLY_TEXTS.iter().any(|t| words.starts_with(t)),
-        "reply text not in DESIGN §5: {text:?}"
+        "reply text not among the known replies: {text:?}"
     );
     assert!(
         letter != "Z" || soft_bounce,
@@ -676,7 +676,7 @@ fn check_confine_files(text: &str, file: &str) -> String {
 /// `data` up to the first NUL is the value of `qmqpd_authorized_clients`; the rest is the
 /// content of the one pattern file every `/file` token names. Invariants: no panic; an
 /// error has a message; a parsed list matches nothing when nothing is known of the client,
-/// gives the same verdict for an IPv4 address and its IPv4-mapped IPv6 form (DESIGN §4: it
+/// gives the same verdict for an IPv4 address and its IPv4-mapped IPv6 form (so that it
 /// can neither bypass nor miss a rule) and for a name in any case, ignores names when it has
 /// no name pattern, and when its first pattern is a plain address, matches that address (or,
 /// negated, refuses it): the first match decides.

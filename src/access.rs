@@ -52,14 +52,16 @@ enum Pattern {
 }
 
 /// A configuration error in a match list.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum AccessError {
     /// A `!` with no pattern after it.
+    #[error("{at}: no pattern after \"!\"")]
     MissingPattern {
         /// Parameter name, with file and line when inside a `/file`.
         at: String,
     },
     /// An address or network pattern that is not valid.
+    #[error("{at}: bad network pattern {pattern:?}: {reason}")]
     BadNetwork {
         /// Parameter name, with file and line when inside a `/file`.
         at: String,
@@ -69,6 +71,7 @@ pub enum AccessError {
         reason: String,
     },
     /// A host or domain name pattern that is not valid.
+    #[error("{at}: bad host name pattern {pattern:?}: {reason}")]
     BadName {
         /// Parameter name, with file and line when inside a `/file`.
         at: String,
@@ -78,22 +81,29 @@ pub enum AccessError {
         reason: String,
     },
     /// A Postfix `type:table` lookup, which qmqpd does not support.
+    #[error(
+        "{at}: unsupported lookup table {pattern:?}: qmqpd supports addresses, \
+         networks, host names and /file patterns"
+    )]
     UnsupportedTable {
         /// Parameter name, with file and line when inside a `/file`.
         at: String,
         /// The pattern as written.
         pattern: String,
     },
-    /// A `/file` pattern whose file cannot be read.
+    /// A `/file` pattern whose file cannot be read. The OS error is part of the text (not
+    /// `source`) so that it is printed once whether the caller logs with `{}` or `{:#}`.
+    #[error("{at}: cannot read pattern file {path:?}: {error}")]
     ReadFile {
         /// Parameter name, with file and line when inside a `/file`.
         at: String,
         /// The file named by the pattern.
         path: String,
         /// The operating system's error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A `/file` pattern whose file is larger than qmqpd reads.
+    #[error("{at}: pattern file {path:?} is larger than {limit} bytes")]
     FileTooLarge {
         /// Parameter name, with file and line when inside a `/file`.
         at: String,
@@ -103,6 +113,10 @@ pub enum AccessError {
         limit: u64,
     },
     /// `/file` patterns nested deeper than the limit (usually a file naming itself).
+    #[error(
+        "{at}: pattern file {path:?} is nested more than {limit} files deep \
+         (does a file name itself?)"
+    )]
     NestingTooDeep {
         /// Parameter name, with file and line when inside a `/file`.
         at: String,
@@ -112,45 +126,6 @@ pub enum AccessError {
         limit: usize,
     },
 }
-
-impl fmt::Display for AccessError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            AccessError::MissingPattern { at } => write!(f, "{at}: no pattern after \"!\""),
-            AccessError::BadNetwork {
-                at,
-                pattern,
-                reason,
-            } => write!(f, "{at}: bad network pattern {pattern:?}: {reason}"),
-            AccessError::BadName {
-                at,
-                pattern,
-                reason,
-            } => write!(f, "{at}: bad host name pattern {pattern:?}: {reason}"),
-            AccessError::UnsupportedTable { at, pattern } => write!(
-                f,
-                "{at}: unsupported lookup table {pattern:?}: qmqpd supports addresses, \
-                 networks, host names and /file patterns"
-            ),
-            // The OS error is part of the text (not `source`) so that it is printed once
-            // whether the caller logs with `{}` or `{:#}`.
-            AccessError::ReadFile { at, path, source } => {
-                write!(f, "{at}: cannot read pattern file {path:?}: {source}")
-            }
-            AccessError::FileTooLarge { at, path, limit } => write!(
-                f,
-                "{at}: pattern file {path:?} is larger than {limit} bytes"
-            ),
-            AccessError::NestingTooDeep { at, path, limit } => write!(
-                f,
-                "{at}: pattern file {path:?} is nested more than {limit} files deep \
-                 (does a file name itself?)"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for AccessError {}
 
 impl MatchList {
     /// Parse `value` of parameter `param`; `/file` patterns are read now.
@@ -303,10 +278,10 @@ impl Parser<'_> {
                 limit: MAX_FILE_DEPTH,
             });
         }
-        let read_error = |source| AccessError::ReadFile {
+        let read_error = |error| AccessError::ReadFile {
             at: place.to_string(),
             path: path.to_string(),
-            source,
+            error,
         };
         let file = File::open(path).map_err(read_error)?;
         let mut bytes = Vec::new();

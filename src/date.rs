@@ -1,11 +1,14 @@
-//! Calendar arithmetic and the two date formats qmqpd writes, in UTC.
+//! The two date formats qmqpd writes, in UTC.
 //!
-//! Owns the conversion from Unix seconds to a broken-down UTC date and its rendering as an
-//! RFC 5322 date (our Received: header) and as an RFC 3164 syslog stamp (`maillog_file`).
+//! Owns the conversion from Unix seconds to a broken-down UTC date (through the `time`
+//! crate's calendar) and its rendering as an RFC 5322 date (our Received: header) and as an
+//! RFC 3164 syslog stamp (`maillog_file`).
 //! It knows nothing of time zones: everything is UTC, as the `syslog` crate's stamps are.
 //! Times before 1970 are clamped to the epoch by the `SystemTime` formatters.
 
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use time::{OffsetDateTime, PrimitiveDateTime};
 
 /// Broken-down UTC time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,54 +29,30 @@ pub struct Civil {
     pub weekday: u32,
 }
 
-const SECONDS_PER_DAY: i64 = 86_400;
-/// Days in a 400-year Gregorian cycle.
-const DAYS_PER_ERA: i64 = 146_097;
-/// Days from 0000-03-01 (start of a March-based era) to 1970-01-01.
-const EPOCH_SHIFT_DAYS: i64 = 719_468;
-
 const MONTH_NAMES: [&str; 12] = [
     "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
 ];
 const WEEKDAY_NAMES: [&str; 7] = ["Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"];
 
-/// A value known to lie in `0..bound` (bound ≤ 86400) as `u32`, without a truncating cast.
-fn small(value: i64) -> u32 {
-    u32::try_from(value).unwrap_or(0)
-}
-
-/// Splits Unix seconds into a UTC calendar date and time of day.
+/// Splits Unix seconds into a UTC calendar date and time of day (the `time` crate's
+/// calendar). Times beyond what it represents (years -9999 to 9999) are clamped to its
+/// first or last second.
 pub fn civil(unix_secs: i64) -> Civil {
-    let days = unix_secs.div_euclid(SECONDS_PER_DAY);
-    let secs_of_day = unix_secs.rem_euclid(SECONDS_PER_DAY);
-
-    // Count years from March so that the leap day falls at the end of the year; then a
-    // 400-year era has a fixed length and the day-of-era decomposes without tables.
-    // |days| <= i64::MAX / 86400, so this sum cannot overflow.
-    let shifted = days + EPOCH_SHIFT_DAYS;
-    let era = shifted.div_euclid(DAYS_PER_ERA);
-    let day_of_era = shifted.rem_euclid(DAYS_PER_ERA); // 0..=146096
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365; // 0..=399
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100); // 0..=365
-    let march_month = (5 * day_of_year + 2) / 153; // 0 = March .. 11 = February
-    let day = day_of_year - (153 * march_month + 2) / 5 + 1; // 1..=31
-    let month = if march_month < 10 {
-        march_month + 3
-    } else {
-        march_month - 9
-    };
-    let year = era * 400 + year_of_era + i64::from(month <= 2);
-
+    let t = OffsetDateTime::from_unix_timestamp(unix_secs).unwrap_or_else(|_| {
+        if unix_secs < 0 {
+            PrimitiveDateTime::MIN.assume_utc()
+        } else {
+            PrimitiveDateTime::MAX.assume_utc()
+        }
+    });
     Civil {
-        year,
-        month: small(month),
-        day: small(day),
-        hour: small(secs_of_day / 3600),
-        minute: small(secs_of_day % 3600 / 60),
-        second: small(secs_of_day % 60),
-        // 1970-01-01 was a Thursday.
-        weekday: small((days + 4).rem_euclid(7)),
+        year: i64::from(t.year()),
+        month: u32::from(u8::from(t.month())),
+        day: u32::from(t.day()),
+        hour: u32::from(t.hour()),
+        minute: u32::from(t.minute()),
+        second: u32::from(t.second()),
+        weekday: u32::from(t.weekday().number_days_from_sunday()),
     }
 }
 
@@ -105,7 +84,7 @@ fn weekday_name(weekday: u32) -> &'static str {
 /// RFC 5322 date: "Sat, 28 Nov 2026 12:40:57 +0000"
 ///
 /// The day of the month is not padded ("Sun, 1 Nov 2026 ..."), as in RFC 5322's examples.
-pub fn rfc5322(t: SystemTime) -> String {
+pub(crate) fn rfc5322(t: SystemTime) -> String {
     let c = civil(unix_seconds(t));
     format!(
         "{}, {} {} {:04} {:02}:{:02}:{:02} +0000",
@@ -120,7 +99,7 @@ pub fn rfc5322(t: SystemTime) -> String {
 }
 
 /// syslog RFC 3164 stamp: "Nov 28 12:40:57" (day space-padded as rsyslog shows "Nov  8")
-pub fn syslog_stamp(t: SystemTime) -> String {
+pub(crate) fn syslog_stamp(t: SystemTime) -> String {
     let c = civil(unix_seconds(t));
     format!(
         "{} {:>2} {:02}:{:02}:{:02}",
@@ -197,8 +176,8 @@ mod tests {
 
     #[test]
     fn civil_extremes_do_not_panic() {
-        let _ = civil(i64::MAX);
-        let _ = civil(i64::MIN);
+        assert_eq!(civil(i64::MAX).year, 9999);
+        assert_eq!(civil(i64::MIN).year, -9999);
     }
 
     #[test]

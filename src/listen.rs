@@ -104,49 +104,47 @@ pub fn is_listening(fd: BorrowedFd<'_>) -> io::Result<bool> {
     )?)
 }
 
-/// Where this process's connections come from.
+/// Where this process's connections come from, decided once at start-up.
+#[derive(Debug)]
 pub enum Incoming {
-    /// One connection on stdin/stdout.
+    /// One connection on stdin/stdout (inetd `nowait`, xinetd, tcpserver, pipes).
     Stdio,
-    /// Listening sockets: serve many connections.
-    Listen(Vec<Listener>),
-    /// One connected socket (systemd Accept=yes without StandardInput=socket).
+    /// One connected socket passed by systemd (Accept=yes without StandardInput=socket).
     Passed(OwnedFd),
+    /// Listening sockets passed by systemd (Accept=no), or on stdin (inetd `wait`).
+    Listen(Vec<Listener>),
+    /// `--listen` addresses: qmqpd binds them itself ([`Incoming::bind`]), once the
+    /// configuration is known to be good.
+    Addresses(Vec<String>),
 }
 
-/// Decides the source, DESIGN §2's order: `--listen` addresses, then systemd's sockets,
-/// then stdin (which may itself be a listening socket, as inetd's `wait` mode passes).
-pub fn choose(listen: &[String], passed: Vec<Passed>) -> Result<Incoming, String> {
-    if !listen.is_empty() {
-        let mut listeners = Vec::new();
-        for addr in listen {
-            let sock_addr: SocketAddr = addr.parse().map_err(|_| {
-                format!("--listen {addr}: not an address:port like 127.0.0.1:6280 or [::1]:6280")
-            })?;
-            let l = TcpListener::bind(sock_addr)
-                .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-            listeners.push(Listener::Tcp(l));
+impl Incoming {
+    /// True when qmqpd serves many connections; then no standard descriptor is a client.
+    pub fn is_listener(&self) -> bool {
+        matches!(self, Incoming::Listen(_) | Incoming::Addresses(_))
+    }
+
+    /// The listening sockets: those passed, or the `--listen` addresses bound now.
+    /// `None` for the one-connection sources.
+    pub fn bind(self) -> Option<Result<Vec<Listener>, String>> {
+        match self {
+            Incoming::Listen(listeners) => Some(Ok(listeners)),
+            Incoming::Addresses(addrs) => Some(bind_all(&addrs)),
+            Incoming::Stdio | Incoming::Passed(_) => None,
         }
-        return Ok(Incoming::Listen(listeners));
+    }
+}
+
+/// Decides the source, in this order: `--listen` addresses, then systemd's sockets, then
+/// stdin (which may itself be a listening socket, as inetd's `wait` mode passes). Binds
+/// nothing.
+pub fn classify(listen: Vec<String>, passed: Vec<Passed>) -> Result<Incoming, String> {
+    if !listen.is_empty() {
+        // systemd's sockets, if any, are closed: `--listen` says where to listen.
+        return Ok(Incoming::Addresses(listen));
     }
     if passed.is_empty() {
-        let stdin = io::stdin();
-        if matches!(is_listening(stdin.as_fd()), Ok(true)) {
-            let fd = stdin
-                .as_fd()
-                .try_clone_to_owned()
-                .map_err(|e| format!("cannot use stdin: {e}"))?;
-            let unix =
-                nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(fd.as_raw_fd())
-                    .is_ok_and(|a| a.family() == Some(nix::sys::socket::AddressFamily::Unix));
-            let l = if unix {
-                Listener::Unix(UnixListener::from(fd))
-            } else {
-                Listener::Tcp(TcpListener::from(fd))
-            };
-            return Ok(Incoming::Listen(vec![l]));
-        }
-        return Ok(Incoming::Stdio);
+        return stdin_listener().map(|l| l.map_or(Incoming::Stdio, |l| Incoming::Listen(vec![l])));
     }
     let mut listeners = Vec::new();
     let mut connected = Vec::new();
@@ -162,15 +160,48 @@ pub fn choose(listen: &[String], passed: Vec<Passed>) -> Result<Incoming, String
             (Passed::Tcp(fd) | Passed::Unix(fd), false) => connected.push(fd),
         }
     }
-    match (listeners.is_empty(), connected.len()) {
-        (false, 0) => Ok(Incoming::Listen(listeners)),
-        (true, 1) => Ok(Incoming::Passed(connected.remove(0))),
+    match (listeners.is_empty(), connected.pop()) {
+        (false, None) => Ok(Incoming::Listen(listeners)),
+        (true, Some(fd)) if connected.is_empty() => Ok(Incoming::Passed(fd)),
         _ => Err(
             "systemd passed a mix of listening and connected sockets, or several \
                   connections: use Accept=yes with one socket, or Accept=no"
                 .to_owned(),
         ),
     }
+}
+
+/// Stdin as a listener when it is a listening socket (inetd `wait` mode).
+fn stdin_listener() -> Result<Option<Listener>, String> {
+    let stdin = io::stdin();
+    if !matches!(is_listening(stdin.as_fd()), Ok(true)) {
+        return Ok(None);
+    }
+    let fd = stdin
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| format!("cannot use stdin: {e}"))?;
+    let unix = nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(fd.as_raw_fd())
+        .is_ok_and(|a| a.family() == Some(nix::sys::socket::AddressFamily::Unix));
+    Ok(Some(if unix {
+        Listener::Unix(UnixListener::from(fd))
+    } else {
+        Listener::Tcp(TcpListener::from(fd))
+    }))
+}
+
+/// Binds every `--listen` address.
+fn bind_all(addrs: &[String]) -> Result<Vec<Listener>, String> {
+    let mut listeners = Vec::new();
+    for addr in addrs {
+        let sock_addr: SocketAddr = addr.parse().map_err(|_| {
+            format!("--listen {addr}: not an address:port like 127.0.0.1:6280 or [::1]:6280")
+        })?;
+        let l =
+            TcpListener::bind(sock_addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        listeners.push(Listener::Tcp(l));
+    }
+    Ok(listeners)
 }
 
 #[cfg(test)]
@@ -191,15 +222,15 @@ mod tests {
         let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let u = UnixListener::bind(dir.path().join("s")).unwrap();
-        let listen = choose(
-            &[],
+        let listen = classify(
+            vec![],
             vec![
                 Passed::Tcp(OwnedFd::from(l)),
                 Passed::Unix(OwnedFd::from(u)),
             ],
         );
         assert!(matches!(listen, Ok(Incoming::Listen(ref v)) if v.len() == 2));
-        let one = choose(&[], vec![Passed::Tcp(OwnedFd::from(c))]);
+        let one = classify(vec![], vec![Passed::Tcp(OwnedFd::from(c))]);
         assert!(matches!(one, Ok(Incoming::Passed(_))));
     }
 
@@ -207,12 +238,14 @@ mod tests {
     fn choose_refuses_a_mix_and_bad_addresses() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let mixed = choose(
-            &[],
+        let mixed = classify(
+            vec![],
             vec![Passed::Tcp(OwnedFd::from(l)), Passed::Tcp(OwnedFd::from(c))],
         );
         assert!(mixed.is_err());
-        let bad = choose(&["localhost".to_owned()], vec![]);
-        assert!(bad.err().unwrap().contains("not an address:port"));
+        let bad = classify(vec!["localhost".to_owned()], vec![]).unwrap();
+        assert!(bad.is_listener());
+        let bound = bad.bind().unwrap();
+        assert!(bound.err().unwrap().contains("not an address:port"));
     }
 }

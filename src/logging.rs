@@ -76,7 +76,7 @@ enum Sink {
 }
 
 /// The `log::Log` implementation: one destination, a tag, a pid and a base level.
-pub struct Backend {
+pub(crate) struct Backend {
     sink: Sink,
     tag: String,
     pid: u32,
@@ -341,7 +341,7 @@ pub fn install_panic_hook() {
 ///
 /// `set_thread_boost(0)` ends the boost. The global maximum level is raised as needed and
 /// never lowered, since other threads may still be boosted.
-pub fn set_thread_boost(steps: u32) {
+pub(crate) fn set_thread_boost(steps: u32) {
     THREAD_BOOST.with(|boost| boost.set(steps));
     if steps == 0 {
         return;
@@ -389,7 +389,7 @@ fn same_open_file(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> bool {
 /// Other control characters are C0, DEL and C1 (escaped byte by byte in their UTF-8 form),
 /// plus U+2028/U+2029, which some viewers show as line breaks. The result is capped at
 /// `LINE_LIMIT` bytes, never cutting a character or an escape in two.
-pub fn sanitize(s: &[u8]) -> String {
+pub(crate) fn sanitize(s: &[u8]) -> String {
     let mut out = String::with_capacity(s.len().min(LINE_LIMIT));
     for chunk in s.utf8_chunks() {
         for c in chunk.valid().chars() {
@@ -454,7 +454,8 @@ pub fn format_text(level: Level, message: &str) -> String {
 /// One complete line for the file and stderr destinations, newline included:
 /// "STAMP HOSTNAME TAG[PID]: text" when `stamp_host` is given (`maillog_file`), else
 /// "TAG[PID]: text" (stderr), where text is `format_text(level, message)`.
-pub fn format_line(
+#[cfg(test)]
+pub(crate) fn format_line(
     stamp_host: Option<(&str, &str)>,
     tag: &str,
     pid: u32,

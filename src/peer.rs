@@ -1,6 +1,6 @@
 //! Who the client is: its address, port and name, from the launcher's environment (UCSPI
 //! `${PROTO}REMOTEIP`, systemd's `REMOTE_ADDR`, xinetd's `REMOTE_HOST`) or from the socket
-//! itself, in DESIGN §3's order, and its name from DNS (reverse look-up confirmed by a
+//! itself, in that order (see `identify`), and its name from DNS (reverse look-up confirmed by a
 //! forward look-up, bounded in time). Owns the `name[addr]` form used in logs and replies.
 //! Does not decide whether the client may use the service (that is `access`).
 
@@ -16,7 +16,7 @@ use nix::sys::socket::{AddressFamily, SockaddrLike, SockaddrStorage, getpeername
 use crate::logging::sanitize;
 
 /// The name of a client nobody could name.
-pub const UNKNOWN: &str = "unknown";
+pub(crate) const UNKNOWN: &str = "unknown";
 
 /// The client of one connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,18 +55,18 @@ impl Client {
     }
 
     /// The verified name, for access lists.
-    pub fn verified_name(&self) -> Option<&str> {
+    pub(crate) fn verified_name(&self) -> Option<&str> {
         self.name_verified.then_some(self.name.as_str())
     }
 
     /// The address as logged and stored: IPv6 without brackets, or "unknown".
-    pub fn addr_text(&self) -> String {
+    pub(crate) fn addr_text(&self) -> String {
         self.addr
             .map_or_else(|| UNKNOWN.to_owned(), |a| a.to_string())
     }
 
     /// `name[addr]`, or `name[addr]:port` with port logging.
-    pub fn namaddr(&self) -> String {
+    pub(crate) fn namaddr(&self) -> String {
         match (self.port_logging, self.port) {
             (true, Some(port)) => format!("{}[{}]:{port}", self.name, self.addr_text()),
             (true, None) => format!("{}[{}]:{UNKNOWN}", self.name, self.addr_text()),
@@ -117,7 +117,7 @@ impl LaunchEnv {
 
 /// What the connection's file descriptor says about the peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SocketPeer {
+pub(crate) enum SocketPeer {
     Inet(SocketAddr),
     /// A UNIX-domain socket: the client is this host.
     Local,
@@ -126,7 +126,7 @@ pub enum SocketPeer {
 }
 
 /// Asks the socket who its peer is.
-pub fn socket_peer(fd: BorrowedFd<'_>) -> SocketPeer {
+pub(crate) fn socket_peer(fd: BorrowedFd<'_>) -> SocketPeer {
     let Ok(addr) = getpeername::<SockaddrStorage>(fd.as_raw_fd()) else {
         return SocketPeer::None;
     };
@@ -142,9 +142,9 @@ pub fn socket_peer(fd: BorrowedFd<'_>) -> SocketPeer {
     }
 }
 
-/// Decides who the client is (DESIGN §3): UCSPI variables first, then the socket, then the
+/// Decides who the client is: UCSPI variables first, then the socket, then the
 /// variables of launchers that pass no socket; else unknown.
-pub fn identify(env: &LaunchEnv, sock: SocketPeer, port_logging: bool) -> Client {
+pub(crate) fn identify(env: &LaunchEnv, sock: SocketPeer, port_logging: bool) -> Client {
     let mut client = identify_unlogged(env, sock);
     client.port_logging = port_logging;
     client
@@ -203,7 +203,7 @@ fn parse_port(value: &OsString) -> Option<u16> {
 }
 
 /// Name look-ups, behind a trait so tests can give any answer (or none, or hang).
-pub trait Resolver: Send + Sync {
+pub(crate) trait Resolver: Send + Sync {
     /// The name the address maps to (PTR), if any.
     fn reverse(&self, addr: IpAddr) -> Option<String>;
     /// The addresses the name maps to (A and AAAA).
@@ -211,7 +211,7 @@ pub trait Resolver: Send + Sync {
 }
 
 /// The system's resolver (getnameinfo/getaddrinfo: /etc/hosts, DNS, as nsswitch says).
-pub struct SystemResolver;
+pub(crate) struct SystemResolver;
 
 impl Resolver for SystemResolver {
     fn reverse(&self, addr: IpAddr) -> Option<String> {
@@ -229,7 +229,12 @@ impl Resolver for SystemResolver {
 /// The client's verified name: the reverse look-up of `addr`, kept only when that name's
 /// forward look-up lists `addr` again (Postfix's rule). Waits at most `limit`: a resolver that
 /// does not answer in time leaves the name unknown (its thread finishes on its own).
-pub fn verified_name(resolver: Arc<dyn Resolver>, addr: IpAddr, limit: Duration) -> Option<String> {
+#[cfg(test)]
+pub(crate) fn verified_name(
+    resolver: Arc<dyn Resolver>,
+    addr: IpAddr,
+    limit: Duration,
+) -> Option<String> {
     look_up(resolver, addr, limit).unwrap_or(None)
 }
 
@@ -263,7 +268,7 @@ fn look_up(
 
 /// Confirmed names (and the absence of one) by address, for a listener that serves the same
 /// few list hosts over and over: a look-up costs two resolver queries and a thread.
-pub struct NameCache {
+pub(crate) struct NameCache {
     ttl: Duration,
     /// The answer and when it expires.
     entries: Mutex<HashMap<IpAddr, (Option<String>, Instant)>>,
@@ -284,7 +289,7 @@ impl NameCache {
     }
 
     /// The verified name of `addr`, from the cache while fresh, else from `verified_name`.
-    pub fn verified_name(
+    pub(crate) fn verified_name(
         &self,
         resolver: &Arc<dyn Resolver>,
         addr: IpAddr,

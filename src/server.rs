@@ -9,29 +9,30 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::net::UnixStream;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::signal::{SigSet, Signal};
 use nix::sys::socket::{Shutdown, shutdown};
 
 use crate::access::{AccessError, MatchList};
 use crate::config::Params;
 use crate::listen::Listener;
 use crate::peer::{self, Client, LaunchEnv, NameCache, Resolver, SocketPeer, SystemResolver};
+use crate::program::Stop;
 use crate::queue::Queue;
 use crate::reply::{Rejection, Reply};
-use crate::session::{self, End, Outcome, Transaction};
+use crate::session::{self, CutOff, End, Outcome, Transaction};
 
 /// How long a closing connection waits for the client to finish sending after an early
 /// reply, so that unread input does not turn the close into a reset that destroys the reply.
 const LINGER: Duration = Duration::from_secs(2);
 /// How long a stopping listener waits for running transactions at most.
 const STOP_GRACE: Duration = Duration::from_secs(30);
+/// How long a stopping listener then waits for the transactions it cut off to clean up.
+const CUT_OFF_WAIT: Duration = Duration::from_secs(5);
 /// The longest a client's host name look-up may take (further bounded by qmqpd_timeout).
 const PEERNAME_LIMIT: Duration = Duration::from_secs(5);
 /// How long a listener reuses a client's looked-up name (one-shot processes never do).
@@ -47,22 +48,42 @@ const STRESS_CHECK: Duration = Duration::from_secs(1);
 
 /// What every connection needs: the configuration and what was built from it at start-up.
 pub struct Service {
-    pub params: Params,
-    pub clients: MatchList,
-    pub debug_peers: MatchList,
-    pub queue: Queue,
-    pub env: LaunchEnv,
+    pub(crate) params: Params,
+    pub(crate) clients: MatchList,
+    pub(crate) debug_peers: MatchList,
+    pub(crate) queue: Queue,
+    pub(crate) env: LaunchEnv,
     /// Where client names come from when the launcher gave none.
-    pub resolver: Arc<dyn Resolver>,
+    pub(crate) resolver: Arc<dyn Resolver>,
     /// How long a name look-up may take.
-    pub peername_limit: Duration,
+    pub(crate) peername_limit: Duration,
     /// Names already looked up, shared by a listener's connections.
-    pub names: NameCache,
+    pub(crate) names: NameCache,
     /// Set by the accept loop while every connection slot is busy.
-    pub stress: AtomicBool,
+    pub(crate) stress: AtomicBool,
+    /// When set, the requests being read are cut off (logged, their queue files removed):
+    /// a one-shot process's stop signal, or a listener's own stop after its grace period.
+    pub(crate) cut_off: Option<Arc<Stop>>,
 }
 
 impl Service {
+    /// The configuration it was built from.
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    /// The queue it writes to.
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    /// When `stop` is set, the requests being read are cut off (logged, their queue files
+    /// removed). A one-shot process passes its stop signal; a listener a stop of its own,
+    /// which the accept loop sets once running transactions had their grace period.
+    pub fn cut_off_by(&mut self, stop: Arc<Stop>) {
+        self.cut_off = Some(stop);
+    }
+
     /// Builds the service; a broken access list is a configuration error.
     pub fn new(params: Params, env: LaunchEnv) -> Result<Service, AccessError> {
         let clients =
@@ -83,6 +104,7 @@ impl Service {
             peername_limit,
             names: NameCache::new(PEERNAME_TTL),
             stress: AtomicBool::new(false),
+            cut_off: None,
         })
     }
 }
@@ -112,7 +134,7 @@ impl Connection {
     }
 
     /// Who is at the other end, according to the descriptor.
-    pub fn peer(&self) -> SocketPeer {
+    pub(crate) fn peer(&self) -> SocketPeer {
         peer::socket_peer(self.rd.as_fd())
     }
 }
@@ -124,6 +146,8 @@ struct Timed<'a> {
     timeout: Duration,
     deadline: Instant,
     stress: Option<&'a AtomicBool>,
+    /// Reads fail with [`CutOff`] once this is set.
+    cut_off: Option<&'a Stop>,
 }
 
 impl Timed<'_> {
@@ -148,11 +172,21 @@ impl Timed<'_> {
             if self.stress.is_some() {
                 wait = wait.min(STRESS_CHECK);
             }
+            let cut_off = self.cut_off.filter(|_| flags.contains(PollFlags::POLLIN));
+            if let Some(stop) = cut_off
+                && stop.is_set()
+            {
+                let signal = stop.signal().map_or("a signal", |sig| sig.as_str());
+                return Err(io::Error::other(CutOff(format!("stopped by {signal}"))));
+            }
             let timeout = PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX);
-            let mut fds = [PollFd::new(self.file.as_fd(), flags)];
+            let mut fds = vec![PollFd::new(self.file.as_fd(), flags)];
+            fds.extend(cut_off.map(|stop| PollFd::new(stop.wake_fd(), PollFlags::POLLIN)));
             match poll(&mut fds, timeout) {
                 Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
-                Ok(_) => return Ok(()),
+                // Ready, unless only the stop woke us (then the next round returns CutOff).
+                Ok(_) if fds[0].any().unwrap_or(true) => return Ok(()),
+                Ok(_) => continue,
                 Err(e) => return Err(e.into()),
             }
         }
@@ -240,12 +274,14 @@ fn run_transaction(
         timeout,
         deadline: read_deadline,
         stress: Some(&svc.stress),
+        cut_off: svc.cut_off.as_deref(),
     };
     let mut wr = Timed {
         file: &conn.wr,
         timeout,
         deadline,
         stress: Some(&svc.stress),
+        cut_off: None,
     };
     let t = Transaction {
         client,
@@ -282,6 +318,7 @@ pub fn refuse(conn: &Connection, reply: &Reply) {
         timeout: LINGER,
         deadline,
         stress: None,
+        cut_off: None,
     };
     let end = match wr.write_all(&reply.encode(false)) {
         Ok(()) => End::Replied(reply.clone()),
@@ -307,56 +344,13 @@ fn close(conn: &Connection, outcome: &Outcome, deadline: Instant) {
         timeout: LINGER,
         deadline: deadline.min(Instant::now() + LINGER),
         stress: None,
+        cut_off: None,
     };
     let mut buf = [0u8; 8192];
     while let Ok(n) = rd.read(&mut buf) {
         if n == 0 {
             break;
         }
-    }
-}
-
-/// Set by SIGTERM/SIGINT; wakes the accept loop through a socket pair.
-pub struct StopSignal {
-    stopped: AtomicBool,
-    wake_rx: UnixStream,
-    wake_tx: UnixStream,
-}
-
-impl StopSignal {
-    /// Blocks SIGTERM and SIGINT in this thread (and so in every thread started later) and
-    /// starts a thread that waits for them. Call before starting any other thread.
-    pub fn install() -> io::Result<Arc<StopSignal>> {
-        let (wake_rx, wake_tx) = UnixStream::pair()?;
-        let signal = Arc::new(StopSignal {
-            stopped: AtomicBool::new(false),
-            wake_rx,
-            wake_tx,
-        });
-        let mut set = SigSet::empty();
-        set.add(Signal::SIGTERM);
-        set.add(Signal::SIGINT);
-        set.thread_block()?;
-        let waiter = Arc::clone(&signal);
-        std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                while let Ok(sig) = set.wait() {
-                    log::info!("{sig}: stopping: no new connections");
-                    waiter.stop();
-                }
-            })?;
-        Ok(signal)
-    }
-
-    /// Asks the accept loop to stop.
-    pub fn stop(&self) {
-        self.stopped.store(true, Ordering::SeqCst);
-        let _ = (&self.wake_tx).write(b"x");
-    }
-
-    fn is_stopped(&self) -> bool {
-        self.stopped.load(Ordering::SeqCst)
     }
 }
 
@@ -413,7 +407,7 @@ pub fn run_listeners(
     svc: Arc<Service>,
     listeners: &[Listener],
     limits: Limits,
-    stop: &StopSignal,
+    stop: &Stop,
 ) -> io::Result<u64> {
     for l in listeners {
         l.set_nonblocking(true)?;
@@ -431,7 +425,7 @@ pub fn run_listeners(
         let busy_slots = active.get();
         svc.stress.store(busy_slots >= limit, Ordering::Relaxed);
         notifier.tick(served, busy_slots);
-        if stop.is_stopped() || limits.max_use.is_some_and(|m| served >= m) {
+        if stop.is_set() || limits.max_use.is_some_and(|m| served >= m) {
             break;
         }
         // At the cap, stop accepting: connections wait in the kernel's queue, none is dropped.
@@ -458,7 +452,7 @@ pub fn run_listeners(
             .iter()
             .map(|l| PollFd::new(l.as_fd(), PollFlags::POLLIN))
             .collect();
-        fds.push(PollFd::new(stop.wake_rx.as_fd(), PollFlags::POLLIN));
+        fds.push(PollFd::new(stop.wake_fd(), PollFlags::POLLIN));
         match poll(
             &mut fds,
             PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX),
@@ -524,10 +518,9 @@ pub fn run_listeners(
     }
     // Let running transactions finish. After max_use or max_idle they all may (each is
     // bounded by daemon_timeout); after SIGTERM/SIGINT only for a grace period, since the
-    // service manager is waiting (what is cut off is not acknowledged, and its tmp/ file is
-    // removed by a later run).
+    // service manager is waiting (what is then cut off is not acknowledged).
     notifier.stopping(served, active.get());
-    let grace = if stop.is_stopped() {
+    let grace = if stop.is_set() {
         STOP_GRACE.min(svc.params.qmqpd_timeout)
     } else {
         svc.params.daemon_timeout
@@ -539,6 +532,18 @@ pub fn run_listeners(
         let left = deadline.saturating_duration_since(Instant::now());
         active.wait_below(1, left.min(notifier.interval()));
         notifier.tick(served, active.get());
+    }
+    // What is still being read is cut off: each transaction logs what it lost and removes
+    // its queue file before the process exits.
+    if let (Some(sig), Some(cut_off)) = (stop.signal(), &svc.cut_off)
+        && active.get() > 0
+    {
+        cut_off.set(sig);
+        let deadline = Instant::now() + CUT_OFF_WAIT;
+        while active.get() > 0 && Instant::now() < deadline {
+            active.wait_below(1, notifier.interval());
+            notifier.tick(served, active.get());
+        }
     }
     Ok(served)
 }

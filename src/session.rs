@@ -20,7 +20,7 @@ use crate::reply::{Rejection, Reply, Where};
 use crate::verp::verp_delimiters;
 
 /// A rejected request is drained only while its declared length is at most this many times
-/// `message_size_limit`; a larger one gets its reply at once (the drain rule above).
+/// `message_size_limit`: a larger rejected request gets its reply at once, unread.
 const DRAIN_FACTOR: u64 = 4;
 /// The drain bound when `message_size_limit` is 0 (no limit): four times the default limit.
 const DRAIN_FALLBACK: u64 = 4 * 10_240_000;
@@ -67,10 +67,21 @@ impl Outcome {
     }
 }
 
+/// The error a reader returns when the server cuts the transaction off (the process is
+/// being stopped): the transaction ends as a lost connection, logged with this reason
+/// (e.g. `stopped by SIGTERM`), and its queue file is removed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct CutOff(pub String);
+
 /// Why reading stopped early.
 enum Stop {
-    /// The connection broke or timed out.
-    Lost { at: Where, timeout: bool },
+    /// The connection broke, timed out, or was cut off (`cut_off` holds the reason).
+    Lost {
+        at: Where,
+        timeout: bool,
+        cut_off: Option<String>,
+    },
     /// Reply now without reading further (unparseable or undrainably large request).
     ReplyNow(Rejection),
 }
@@ -83,11 +94,15 @@ pub fn serve<R: Read, W: Write>(rdr: &mut R, wtr: &mut W, t: &Transaction<'_>) -
     let stop = s.receive(rdr).err();
     let request_read = stop.is_none();
     let reply = match stop {
-        Some(Stop::Lost { at, timeout }) => {
-            let reason = if timeout {
-                "read timeout"
-            } else {
-                "lost connection"
+        Some(Stop::Lost {
+            at,
+            timeout,
+            cut_off,
+        }) => {
+            let reason = match (&cut_off, timeout) {
+                (Some(why), _) => why.as_str(),
+                (None, true) => "read timeout",
+                (None, false) => "lost connection",
             };
             log::info!(
                 "{}: {}: {reason} while {at}",
@@ -183,13 +198,12 @@ impl<'a> Session<'a> {
         // Unbuffered, one byte a read, so nothing after the `:` is taken.
         let len = netstring::read_len(&mut BufReader::with_capacity(1, &mut *rdr), None)
             .map_err(|e| stop(e, Where::Header, Rejection::TooLarge))?;
-        if params.message_size_limit > 0 && len > params.message_size_limit {
+        if params.size_limit().is_some_and(|limit| len > limit) {
             self.reject(Rejection::TooLarge);
         }
-        let drain_limit = match params.message_size_limit {
-            0 => DRAIN_FALLBACK,
-            n => n.saturating_mul(DRAIN_FACTOR),
-        };
+        let drain_limit = params
+            .size_limit()
+            .map_or(DRAIN_FALLBACK, |limit| limit.saturating_mul(DRAIN_FACTOR));
         // A request rejected now, or later (hops, addresses...), is drained only when it is
         // not far too large.
         let undrainable = len > drain_limit;
@@ -448,8 +462,19 @@ impl<'a> Session<'a> {
 /// errors reply at once (`overflow` is what an over-long length means at this stage).
 fn stop(e: NetstringError, at: Where, overflow: Rejection) -> Stop {
     match e {
-        NetstringError::Lost(_) => Stop::Lost { at, timeout: false },
-        NetstringError::Timeout(_) => Stop::Lost { at, timeout: true },
+        NetstringError::Lost(e) => Stop::Lost {
+            at,
+            timeout: false,
+            cut_off: e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<CutOff>())
+                .map(|why| why.0.clone()),
+        },
+        NetstringError::Timeout(_) => Stop::Lost {
+            at,
+            timeout: true,
+            cut_off: None,
+        },
         NetstringError::Format => Stop::ReplyNow(Rejection::Format(at)),
         NetstringError::Overflow => Stop::ReplyNow(match at {
             Where::Header => overflow,

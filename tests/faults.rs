@@ -1,7 +1,7 @@
 //! Faults under the queue and the process: a full disk, a queue qmqpd may not write, `tmp/`
 //! and `new/` on different filesystems, SIGKILL in the middle of transfers and between the
 //! rename into `new/` and the reply, and clients that vanish at every byte of a request over
-//! TCP. Each promise of DESIGN.md §7.2 is checked from the outside: `K` only for a message
+//! TCP. Each durability promise is checked from the outside: `K` only for a message
 //! durably in `new/`, `Z` (exit 75) for a local failure, never a partial file in `new/`, and
 //! `tmp/` leftovers of a crash removed by a later run. docs/reliability.md has the table.
 
@@ -12,14 +12,12 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use common::{QueueFile, Server, TestQueue, describe, request, run_bounded};
+use common::{QueueFile, Server, TestQueue, describe, request, run_bounded, wait_until};
 
 /// A safety net for every child and every wait: never expected to fire.
 const LIMIT: Duration = Duration::from_secs(60);
-/// How often the tests poll a directory or a log.
-const POLL: Duration = Duration::from_millis(10);
 
 const MESSAGE: &[u8] = b"From: a@example.org\nSubject: fault test\n\nbody\n";
 
@@ -59,15 +57,6 @@ fn ids_in_new(q: &TestQueue) -> Vec<String> {
         .collect();
     ids.sort();
     ids
-}
-
-/// Polls `what` until it holds, for at most LIMIT; panics with `why` otherwise.
-fn wait_until(why: &str, mut what: impl FnMut() -> bool) {
-    let deadline = Instant::now() + LIMIT;
-    while !what() {
-        assert!(Instant::now() < deadline, "timed out waiting: {why}");
-        std::thread::sleep(POLL);
-    }
 }
 
 /// Sets every file in `dir` back by 37 hours, past maildir's 36-hour rule.
@@ -140,14 +129,7 @@ impl Listener {
 
     /// Sends a whole request and returns the reply payload ("" when there is none).
     fn send(&self, bytes: &[u8]) -> String {
-        let mut stream = self.connect();
-        stream.write_all(bytes).unwrap();
-        let mut reply = Vec::new();
-        let _ = stream.read_to_end(&mut reply);
-        if reply.is_empty() {
-            return String::new();
-        }
-        common::text(&common::split_netstrings(&reply)[0])
+        common::send_on(self.connect(), bytes)
     }
 
     /// SIGKILL, then reap.
@@ -234,8 +216,8 @@ fn disk_full_answers_z_keeps_nothing_and_recovers() {
             .arg(common::qmqpd_bin())
             .args(q.args())
             .env("PROTO", "TCP")
-            .env("TCPREMOTEIP", "127.0.0.1")
-            .env_remove("LISTEN_FDS");
+            .env("TCPREMOTEIP", "127.0.0.1");
+        common::clear_qmqpd_env(&mut cmd);
         let out = run_bounded(&mut cmd, &big, LIMIT);
         assert_eq!(reply_of(&out), "ZError: queue file write error");
         assert_eq!(out.status.code(), Some(75), "{}", describe(&out));
@@ -486,6 +468,8 @@ fn sigkill_during_transfer_leaves_nothing_in_new_and_tmp_is_cleaned_later() {
         // Past the outer length (so the queue file exists), before the last byte.
         let cut = usize::try_from(rng.range(20, req.len() as u64)).unwrap();
         let linger = Duration::from_micros(rng.range(0, 20_000));
+        // Counted before qmqpd starts: it may create its file before the count otherwise.
+        let tmp_before = q.files("tmp").len();
         let mut child = common::stdin_qmqpd(&q, &[])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -500,7 +484,6 @@ fn sigkill_during_transfer_leaves_nothing_in_new_and_tmp_is_cleaned_later() {
             // Keep the pipe open until the kill, so qmqpd is still reading when it dies.
             let _ = done_rx.recv_timeout(LIMIT);
         });
-        let tmp_before = q.files("tmp").len();
         wait_until("qmqpd creates its tmp/ file", || {
             q.files("tmp").len() > tmp_before
         });
@@ -625,8 +608,8 @@ fn sigkill_between_rename_and_reply_keeps_the_message_at_least_once() {
     .arg(common::qmqpd_bin())
     .args(q.args())
     .env("PROTO", "TCP")
-    .env("TCPREMOTEIP", "127.0.0.1")
-    .env_remove("LISTEN_FDS");
+    .env("TCPREMOTEIP", "127.0.0.1");
+    common::clear_qmqpd_env(&mut cmd);
     let req = request(MESSAGE, b"s@example.org", &[b"r@example.net"]);
     let out = run_bounded(&mut cmd, &req, LIMIT);
     let trace = std::fs::read_to_string(&trace).unwrap();

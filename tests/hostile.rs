@@ -9,12 +9,12 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::os::fd::OwnedFd;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{QueueFile, Server, TestQueue, describe, request, run_bounded};
+use common::{QueueFile, Server, TestQueue, describe, request, run_bounded, wait_until};
 
 /// A safety net for every child and every wait: never expected to fire.
 const LIMIT: Duration = Duration::from_secs(60);
@@ -78,29 +78,12 @@ impl Listener {
     }
 
     /// Sends raw bytes on `stream` and reads the reply payload until the server closes.
-    fn exchange_on(mut stream: TcpStream, bytes: &[u8]) -> String {
-        stream.write_all(bytes).unwrap();
-        let mut reply = Vec::new();
-        let _ = stream.read_to_end(&mut reply);
-        if reply.is_empty() {
-            return String::new();
-        }
-        let parts = common::split_netstrings(&reply);
-        assert_eq!(parts.len(), 1, "one reply: {}", common::text(&reply));
-        common::text(&parts[0])
+    fn exchange_on(stream: TcpStream, bytes: &[u8]) -> String {
+        common::send_on(stream, bytes)
     }
 
     fn exchange(&self, bytes: &[u8]) -> String {
         Listener::exchange_on(self.connect(), bytes)
-    }
-}
-
-/// Polls `what` until it holds, for at most LIMIT; panics with `why` otherwise.
-fn wait_until(why: &str, mut what: impl FnMut() -> bool) {
-    let deadline = Instant::now() + LIMIT;
-    while !what() {
-        assert!(Instant::now() < deadline, "timed out waiting: {why}");
-        std::thread::sleep(POLL);
     }
 }
 
@@ -446,17 +429,8 @@ fn repeated_recipients_are_stored_in_constant_memory() {
 
 /// qmqpd in stdin mode with the given UCSPI variables.
 fn stdin_run(q: &TestQueue, extra: &[&str], env: &[(&str, &str)], input: &[u8]) -> Output {
-    let mut cmd = Command::new(common::qmqpd_bin());
-    cmd.args(q.args())
-        .args(extra)
-        .env_remove("LISTEN_FDS")
-        .env_remove("LISTEN_PID")
-        .env_remove("MAIL_CONFIG")
-        .env_remove("TCPREMOTEHOST")
-        .env_remove("TCP6REMOTEHOST");
-    for (name, value) in env {
-        cmd.env(name, value);
-    }
+    let mut cmd = common::bare_stdin_qmqpd(q, extra);
+    cmd.envs(env.iter().copied());
     run_bounded(&mut cmd, input, LIMIT)
 }
 

@@ -1,4 +1,4 @@
-//! qmqpd under the real launchers its users run (issue 3, DESIGN.md §2 and §12):
+//! qmqpd under the real launchers its users run (issue 3):
 //! `systemd-socket-activate` (`-a --inetd`, `-a --fdname=connection`, and listener mode with
 //! `max_use`, `max_idle`, two sockets, sd_notify and SIGTERM), ucspi-tcp's `tcpserver` (with
 //! `tcprules`), `xinetd` with a generated copy of `xinetd/qmqpd`, `--listen`, and the switch
@@ -13,7 +13,7 @@ mod common;
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -328,18 +328,6 @@ fn socket_activate(
     ))
 }
 
-/// Polls until `done` holds, at most RUN_LIMIT (a safety net; the tests never rely on it).
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + RUN_LIMIT;
-    while !done() {
-        assert!(
-            Instant::now() < deadline,
-            "still waiting after {RUN_LIMIT:?} for {what}"
-        );
-        thread::sleep(POLL);
-    }
-}
-
 /// Waits until systemd-socket-activate (with -a) reported `want` children's exits; asserts
 /// that each exited 0.
 fn assert_children_exited_0(sa: &Launcher, want: usize) {
@@ -350,7 +338,7 @@ fn assert_children_exited_0(sa: &Launcher, want: usize) {
             .map(str::to_owned)
             .collect()
     };
-    wait_until("every qmqpd to exit", || exits().len() >= want);
+    common::wait_until_within("every qmqpd to exit", RUN_LIMIT, || exits().len() >= want);
     let exits = exits();
     assert!(
         exits.len() == want && exits.iter().all(|l| l.ends_with(" died with code 0")),
@@ -358,10 +346,11 @@ fn assert_children_exited_0(sa: &Launcher, want: usize) {
     );
 }
 
-#[test]
-fn socket_activate_inetd_serves_qmqpc_and_qmqp_source() {
+/// qmqpd started per connection by systemd-socket-activate with `tool_args`: two qmqpc
+/// messages and three from qmqp-source (when installed) land, and every qmqpd exits 0.
+fn socket_activate_per_connection_serves_qmqpc_and_qmqp_source(tool_args: &[&str]) {
     let q = TestQueue::new();
-    let Some((sa, addrs)) = socket_activate(&q, &[false], &["-a", "--inetd"], &[]) else {
+    let Some((sa, addrs)) = socket_activate(&q, &[false], tool_args, &[]) else {
         return;
     };
     send_qmqpc(addrs[0], &q);
@@ -371,28 +360,21 @@ fn socket_activate_inetd_serves_qmqpc_and_qmqp_source() {
         send_qmqp_source(&tool, addrs[0], 3, 1);
         want += 3;
     }
-    // Connections came on fds 0 and 1: the peer is the socket's (no environment here).
+    // No environment names the client here: the peer is the socket's.
     assert_landed(&q, want, "127.0.0.1");
     assert_children_exited_0(&sa, want);
 }
 
 #[test]
+fn socket_activate_inetd_serves_qmqpc_and_qmqp_source() {
+    // Connections come on fds 0 and 1.
+    socket_activate_per_connection_serves_qmqpc_and_qmqp_source(&["-a", "--inetd"]);
+}
+
+#[test]
 fn socket_activate_connection_on_fd_3_serves_qmqpc_and_qmqp_source() {
-    let q = TestQueue::new();
     // Like systemd's Accept=yes without StandardInput=socket: LISTEN_FDS=1, fd 3 connected.
-    let tool_args = ["-a", "--fdname=connection"];
-    let Some((sa, addrs)) = socket_activate(&q, &[false], &tool_args, &[]) else {
-        return;
-    };
-    send_qmqpc(addrs[0], &q);
-    send_qmqpc(addrs[0], &q);
-    let mut want = 2;
-    if let Some(tool) = qmqp_source() {
-        send_qmqp_source(&tool, addrs[0], 3, 1);
-        want += 3;
-    }
-    assert_landed(&q, want, "127.0.0.1");
-    assert_children_exited_0(&sa, want);
+    socket_activate_per_connection_serves_qmqpc_and_qmqp_source(&["-a", "--fdname=connection"]);
 }
 
 #[test]
@@ -516,7 +498,7 @@ fn socket_activate_listener_notifies_ready_watchdog_status_stopping() {
     send_qmqpc(addrs[0], &q);
     let mut seen = Vec::new();
     // qmqpd now waits for its second connection: the watchdog pings must come meanwhile.
-    wait_until("READY=1 and WATCHDOG=1", || {
+    common::wait_until_within("READY=1 and WATCHDOG=1", RUN_LIMIT, || {
         read_notifications(&notify, &mut seen);
         let all = seen.join("\n");
         all.contains("READY=1") && all.contains("WATCHDOG=1")
@@ -553,11 +535,11 @@ fn socket_activate_listener_sigterm_lets_a_running_transaction_finish() {
     stream.set_read_timeout(Some(IO_LIMIT)).unwrap();
     stream.set_write_timeout(Some(IO_LIMIT)).unwrap();
     stream.write_all(head).unwrap();
-    wait_until("qmqpd to take the connection", || {
+    common::wait_until_within("qmqpd to take the connection", RUN_LIMIT, || {
         q.log_text().contains("connect from")
     });
     kill(sa.pid(), Signal::SIGTERM).unwrap();
-    wait_until("qmqpd to stop accepting", || {
+    common::wait_until_within("qmqpd to stop accepting", RUN_LIMIT, || {
         q.log_text().contains("stopping")
     });
     // The transaction that was running when SIGTERM came still completes.
@@ -619,7 +601,7 @@ fn tcpserver_serves_qmqpc_and_qmqp_source() {
         let port: u16 = file.attribute("client_port").unwrap().parse().unwrap();
         assert_ne!(port, addr.port(), "{file:?}");
     }
-    wait_until("tcpserver to see every qmqpd exit", || {
+    common::wait_until_within("tcpserver to see every qmqpd exit", RUN_LIMIT, || {
         tcpserver_ends(&launcher.output_text()).0 == want
     });
     assert_eq!(
@@ -768,57 +750,23 @@ impl Xinetd {
                 .map(str::to_owned)
                 .collect()
         };
-        wait_until("xinetd to see every qmqpd exit", || exits().len() >= count);
+        common::wait_until_within("xinetd to see every qmqpd exit", RUN_LIMIT, || {
+            exits().len() >= count
+        });
         exits()
     }
-}
-
-/// `q.args()` without maillog_file: qmqpd has no log file and (without /dev/log) would be
-/// tempted to log to stderr, which under xinetd is the client connection.
-fn args_without_maillog(q: &TestQueue) -> Vec<String> {
-    let args = q.args();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < args.len() {
-        if args[i] == "-o"
-            && args
-                .get(i + 1)
-                .is_some_and(|a| a.starts_with("maillog_file="))
-        {
-            i += 2;
-            continue;
-        }
-        out.push(args[i].clone());
-        i += 1;
-    }
-    assert_eq!(out.len() + 2, args.len(), "no maillog_file in {args:?}");
-    out
 }
 
 /// Connects to `addr`, sends `request`, half-closes and returns every byte the server sent
 /// until it closed; panics when the connection ends with an error (a reset).
 fn exchange(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
-    match exchange_until_error(addr, request) {
+    match common::exchange_until_error(addr, request) {
         (reply, None) => reply,
         (reply, Some(e)) => panic!(
             "reading the reply from {addr}: {e}, after {:?}",
             text(&reply)
         ),
     }
-}
-
-/// Like `exchange`, but returns what arrived before an error together with the error.
-fn exchange_until_error(addr: SocketAddr, request: &[u8]) -> (Vec<u8>, Option<std::io::Error>) {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(IO_LIMIT)).unwrap();
-    stream.set_write_timeout(Some(IO_LIMIT)).unwrap();
-    // The server may answer without reading (a configuration error): a failed write is
-    // not the point here, what the client reads is.
-    let _ = stream.write_all(request);
-    let _ = stream.shutdown(Shutdown::Write);
-    let mut reply = Vec::new();
-    let error = stream.read_to_end(&mut reply).err();
-    (reply, error)
 }
 
 /// Asserts that `bytes` are exactly one netstring starting with `prefix`.
@@ -870,7 +818,7 @@ fn xinetd_ipv6_flag_serves_ipv6_clients() {
 #[test]
 fn xinetd_client_gets_only_the_reply_while_qmqpd_warns_without_a_log_file() {
     let q = TestQueue::new();
-    let mut args = args_without_maillog(&q);
+    let mut args = q.args_without_maillog();
     // An unknown parameter is a warning; -v -v adds debug lines: all of it must stay off
     // fds 1 and 2, which xinetd made the connection too.
     args.extend(["-o", "no_such_parameter=1", "-v", "-v"].map(String::from));
@@ -899,7 +847,7 @@ fn xinetd_client_gets_only_the_reply_while_qmqpd_warns_without_a_log_file() {
 fn xinetd_client_gets_only_a_z_reply_on_a_configuration_error() {
     let q = TestQueue::new();
     let missing = q.dir.path().join("no-such-config-dir");
-    let mut args = args_without_maillog(&q);
+    let mut args = q.args_without_maillog();
     // The first -c is the test queue's; a later one wins.
     args.extend(["-c".to_owned(), missing.display().to_string()]);
     let Some(x) = Xinetd::start(&q, false, &args) else {
@@ -908,7 +856,7 @@ fn xinetd_client_gets_only_a_z_reply_on_a_configuration_error() {
     let ok = common::request(MESSAGE, SENDER.as_bytes(), &[RECIPIENT.as_bytes()]);
     // qmqpd answers without reading the request; whether the close then resets the
     // connection is checked by configuration_error_z_reply_ends_without_a_reset.
-    let (reply, _reset) = exchange_until_error(x.addr, &ok);
+    let (reply, _reset) = common::exchange_until_error(x.addr, &ok);
     assert_only_reply(&reply, "ZError: ", &x.log_text());
     assert!(q.files("new").is_empty());
     let exits = x.exits(1);
@@ -1057,7 +1005,7 @@ fn missing_mail_owner_gets_z_and_exit_78_under_a_launcher() {
         describe(&output)
     );
     assert!(q.files("new").is_empty());
-    wait_until("qmqpd to exit", || {
+    common::wait_until_within("qmqpd to exit", RUN_LIMIT, || {
         sa.output_text().contains("died with code")
     });
     assert!(
@@ -1074,7 +1022,7 @@ fn missing_mail_owner_gets_z_and_exit_78_under_a_launcher() {
 
 #[test]
 fn configuration_error_z_reply_ends_without_a_reset() {
-    // DESIGN.md §5: after replying, qmqpd closes without leaving unread input that makes the
+    // After replying, qmqpd closes without leaving unread input that makes the
     // kernel reset the connection (a reset can destroy a reply still in flight).
     let q = TestQueue::new();
     let missing = q.dir.path().join("no-such-config-dir");
@@ -1084,7 +1032,7 @@ fn configuration_error_z_reply_ends_without_a_reset() {
         return;
     };
     let ok = common::request(MESSAGE, SENDER.as_bytes(), &[RECIPIENT.as_bytes()]);
-    let (reply, error) = exchange_until_error(addrs[0], &ok);
+    let (reply, error) = common::exchange_until_error(addrs[0], &ok);
     assert_only_reply(&reply, "ZError: ", &sa.output_text());
     assert!(
         error.is_none(),
@@ -1130,7 +1078,7 @@ fn socket_activate_datagram_socket_is_refused_as_a_configuration_error() {
 #[test]
 fn socket_activate_unix_listener_serves_local_clients_as_localhost() {
     // ListenStream=/run/qmqpd/qmqp.sock with Accept=no: a UNIX-domain listening socket; its
-    // clients are this host (DESIGN.md §3), logged as localhost[127.0.0.1].
+    // clients are this host, as in Postfix, logged as localhost[127.0.0.1].
     let q = TestQueue::new();
     let Some(tool) = require_tool("systemd-socket-activate") else {
         return;
@@ -1152,7 +1100,7 @@ fn socket_activate_unix_listener_serves_local_clients_as_localhost() {
         what: "systemd-socket-activate (unix)".to_owned(),
         output,
     };
-    wait_until("the UNIX socket", || path.exists());
+    common::wait_until_within("the UNIX socket", RUN_LIMIT, || path.exists());
     let mut stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
     stream.set_read_timeout(Some(IO_LIMIT)).unwrap();
     let reply = qmqpd::client::send(

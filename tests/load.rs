@@ -7,12 +7,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{QueueFile, Server, TestQueue, request};
+use common::{QueueFile, Server, TestQueue, request, wait_until};
 
 /// Concurrent clients.
 const CLIENTS: usize = 50;
@@ -22,20 +21,10 @@ const PER_CLIENT: usize = 20;
 const SPREAD: Duration = Duration::from_secs(60);
 /// A safety net for every connection and every wait: never expected to fire.
 const LIMIT: Duration = Duration::from_secs(60);
-const POLL: Duration = Duration::from_millis(20);
 
 /// Sends one request and returns the reply payload ("" when the server sent nothing).
 fn send(addr: SocketAddr, bytes: &[u8]) -> String {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(LIMIT)).unwrap();
-    stream.set_write_timeout(Some(LIMIT)).unwrap();
-    stream.write_all(bytes).unwrap();
-    let mut reply = Vec::new();
-    let _ = stream.read_to_end(&mut reply);
-    if reply.is_empty() {
-        return String::new();
-    }
-    common::text(&common::split_netstrings(&reply)[0])
+    common::send_on(common::connect(addr), bytes)
 }
 
 /// The message, sender and recipients of round `r`, client `c`, connection `i`: unique, so
@@ -53,15 +42,6 @@ fn envelope(r: usize, c: usize, i: usize) -> (Vec<u8>, Vec<u8>, Vec<Vec<u8>>) {
             b"all@example.net".to_vec(),
         ],
     )
-}
-
-/// Polls `what` until it holds, for at most LIMIT; panics with `why` otherwise.
-fn wait_until(why: &str, mut what: impl FnMut() -> bool) {
-    let deadline = Instant::now() + LIMIT;
-    while !what() {
-        assert!(Instant::now() < deadline, "timed out waiting: {why}");
-        std::thread::sleep(POLL);
-    }
 }
 
 /// Queue ID -> (round, client, connection), from the K replies.

@@ -226,27 +226,15 @@ fn listener_ignores_launcher_variables() {
     // A listener started from a shell that tcpserver spawned must not take every client for
     // the one that shell was started for.
     let q = TestQueue::new();
-    let mut cmd = std::process::Command::new(common::qmqpd_bin());
-    let port = common::free_port();
-    cmd.arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .args(q.args())
-        .args(["-o", "qmqpd_authorized_clients=192.0.2.9"])
-        .env("PROTO", "TCP")
-        .env("TCPREMOTEIP", "192.0.2.9")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null());
-    let mut child = cmd.spawn().unwrap();
-    let deadline = std::time::Instant::now() + LIMIT;
-    let mut ready = false;
-    while !ready && child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
-        ready = q.log_text().contains("listening on");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let reply = ready.then(|| send_to(SocketAddr::from(([127, 0, 0, 1], port))));
-    let _ = child.kill();
-    let _ = child.wait();
-    let reply = reply.unwrap_or_else(|| panic!("qmqpd did not listen: {}", q.log_text()));
+    let server = Server::start_with_env(
+        &q,
+        [127, 0, 0, 1].into(),
+        &["-o", "qmqpd_authorized_clients=192.0.2.9"],
+        &[("PROTO", "TCP"), ("TCPREMOTEIP", "192.0.2.9")],
+    )
+    .expect("127.0.0.1 is always there");
+    let reply = send_to(server.addr);
+    drop(server);
     assert_eq!(reply.status, Status::PermFail, "{reply:?}");
     assert!(
         q.log_text().contains("connect from unknown[127.0.0.1]"),

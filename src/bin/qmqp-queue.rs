@@ -14,15 +14,12 @@ use std::ffi::OsString;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
-
-use nix::sys::signal::{SigSet, Signal};
 
 use qmqpd::config::{self, Source};
 use qmqpd::deliver::{Deliverer, Options, Target};
 use qmqpd::logging::{self, LogSetup};
+use qmqpd::program::{self, EX_CONFIG, EX_IOERR, EX_NOINPUT, EX_OK, EX_TEMPFAIL, EX_USAGE, Stop};
 use qmqpd::queue::QueueError;
 use qmqpd::queue::listing::{self, Listed};
 
@@ -32,19 +29,6 @@ commands:
   show QUEUE_ID
   deliver (--exec COMMAND | --relay HOST[:PORT]) [--once] [--flush] [--interval TIME]
           [--stale-time TIME] [--timeout TIME] [--min-backoff TIME] [--max-backoff TIME]";
-
-/// Exit status: success.
-const EXIT_OK: u8 = 0;
-/// Exit status: bad command line (sysexits EX_USAGE).
-const EXIT_USAGE: u8 = 64;
-/// Exit status: `show` found no such message (EX_NOINPUT).
-const EXIT_NO_MESSAGE: u8 = 66;
-/// Exit status: the queue or a queue file could not be read, or output failed (EX_IOERR).
-const EXIT_IOERR: u8 = 74;
-/// Exit status: `deliver` stopped on a queue-level failure (EX_TEMPFAIL).
-const EXIT_TEMPFAIL: u8 = 75;
-/// Exit status: configuration error (EX_CONFIG).
-const EXIT_CONFIG: u8 = 78;
 
 /// Default `--interval`: how often `deliver` without `--once` looks into `new/`.
 const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
@@ -82,58 +66,40 @@ struct DeliverArgs {
     max_backoff: Option<Duration>,
 }
 
-/// The arguments as UTF-8 strings (every option and value qmqp-queue takes is text).
-fn utf8_args<I: IntoIterator<Item = OsString>>(argv: I) -> Result<Vec<String>, String> {
-    argv.into_iter()
-        .map(|a| {
-            a.into_string()
-                .map_err(|a| format!("argument is not UTF-8: {a:?}"))
-        })
-        .collect()
-}
-
-/// Splits `--name=value` into its parts; `--name` alone gives no value.
-fn split_long(arg: &str) -> (&str, Option<&str>) {
-    match arg.split_once('=') {
-        Some((name, value)) if name.starts_with("--") => (name, Some(value)),
-        _ => (arg, None),
-    }
-}
-
-/// Parses the arguments after the program name.
-fn parse_args(argv: Vec<String>) -> Result<Args, String> {
-    let mut argv = argv.into_iter();
+/// Parses the arguments after the program name: global options, the command, its
+/// options. Every option and value qmqp-queue takes is text.
+fn parse_args<I: IntoIterator<Item = OsString>>(argv: I) -> Result<Args, String> {
+    use lexopt::prelude::*;
+    let mut parser = lexopt::Parser::from_args(argv);
     let mut config_dir = None;
     let mut overrides = Vec::new();
     let mut verbose = 0u32;
     let command = loop {
-        let Some(arg) = argv.next() else {
+        let Some(arg) = parser.next().map_err(usage)? else {
             return Err("missing command".into());
         };
-        match arg.as_str() {
-            "-c" => config_dir = Some(PathBuf::from(value_of(&mut argv, "-c")?)),
-            "-o" => overrides.push(value_of(&mut argv, "-o")?),
-            "-h" | "--help" | "help" => break Cmd::Help,
-            _ if arg.len() > 1
-                && arg.starts_with('-')
-                && arg.bytes().skip(1).all(|b| b == b'v') =>
-            {
-                let steps = u32::try_from(arg.len() - 1).unwrap_or(u32::MAX);
-                verbose = verbose.saturating_add(steps);
-            }
-            "list" => break parse_list(argv.by_ref())?,
-            "show" => break parse_show(argv.by_ref())?,
-            "deliver" => break Cmd::Deliver(parse_deliver(argv.by_ref())?),
-            _ => {
-                return Err(format!(
-                    "unknown command or option \"{}\"",
-                    arg.escape_debug()
-                ));
-            }
+        match arg {
+            Short('c') => config_dir = Some(PathBuf::from(parser.value().map_err(usage)?)),
+            Short('o') => overrides.push(text(parser.value().map_err(usage)?)?),
+            Short('v') => verbose = verbose.saturating_add(1),
+            Short('h') | Long("help") => break Cmd::Help,
+            Value(command) => match text(command)?.as_str() {
+                "help" => break Cmd::Help,
+                "list" => break parse_list(&mut parser)?,
+                "show" => break parse_show(&mut parser)?,
+                "deliver" => break Cmd::Deliver(parse_deliver(&mut parser)?),
+                other => {
+                    return Err(format!(
+                        "unknown command or option \"{}\"",
+                        other.escape_debug()
+                    ));
+                }
+            },
+            _ => return Err(usage(arg.unexpected())),
         }
     };
-    if let Some(extra) = argv.next() {
-        return Err(format!("unexpected argument \"{}\"", extra.escape_debug()));
+    if let Some(extra) = parser.next().map_err(usage)? {
+        return Err(usage(extra.unexpected()));
     }
     Ok(Args {
         config_dir,
@@ -143,31 +109,35 @@ fn parse_args(argv: Vec<String>) -> Result<Args, String> {
     })
 }
 
-/// The value after an option that takes one.
-fn value_of(argv: &mut impl Iterator<Item = String>, flag: &str) -> Result<String, String> {
-    argv.next()
-        .ok_or_else(|| format!("option {flag} needs a value"))
+/// A command-line error's text.
+fn usage(e: lexopt::Error) -> String {
+    e.to_string()
 }
 
-fn parse_list(argv: &mut impl Iterator<Item = String>) -> Result<Cmd, String> {
+/// An argument as UTF-8 text.
+fn text(arg: OsString) -> Result<String, String> {
+    arg.into_string()
+        .map_err(|a| format!("argument is not UTF-8: {a:?}"))
+}
+
+fn parse_list(parser: &mut lexopt::Parser) -> Result<Cmd, String> {
+    use lexopt::prelude::*;
     let mut json = false;
-    for arg in argv {
-        match arg.as_str() {
-            "--json" | "-j" => json = true,
-            _ => {
-                return Err(format!(
-                    "list: unexpected argument \"{}\"",
-                    arg.escape_debug()
-                ));
-            }
+    while let Some(arg) = parser.next().map_err(usage)? {
+        match arg {
+            Long("json") | Short('j') => json = true,
+            _ => return Err(format!("list: {}", arg.unexpected())),
         }
     }
     Ok(Cmd::List { json })
 }
 
-fn parse_show(argv: &mut impl Iterator<Item = String>) -> Result<Cmd, String> {
-    let id = argv.next().ok_or("show: missing QUEUE_ID")?;
-    Ok(Cmd::Show { id })
+fn parse_show(parser: &mut lexopt::Parser) -> Result<Cmd, String> {
+    match parser.next().map_err(usage)? {
+        Some(lexopt::Arg::Value(id)) => Ok(Cmd::Show { id: text(id)? }),
+        Some(arg) => Err(format!("show: {}", arg.unexpected())),
+        None => Err("show: missing QUEUE_ID".into()),
+    }
 }
 
 /// A time option's value (Postfix syntax: a number and an optional s/m/h/d/w suffix).
@@ -179,7 +149,8 @@ fn parse_time_option(flag: &str, value: &str, zero_ok: bool) -> Result<Duration,
     Ok(t)
 }
 
-fn parse_deliver(argv: &mut impl Iterator<Item = String>) -> Result<DeliverArgs, String> {
+fn parse_deliver(parser: &mut lexopt::Parser) -> Result<DeliverArgs, String> {
+    use lexopt::prelude::*;
     let mut target = None;
     let mut args = DeliverArgs {
         target: Target::Exec(String::new()),
@@ -191,14 +162,15 @@ fn parse_deliver(argv: &mut impl Iterator<Item = String>) -> Result<DeliverArgs,
         min_backoff: None,
         max_backoff: None,
     };
-    while let Some(arg) = argv.next() {
-        let (name, attached) = split_long(&arg);
-        let mut value = || match attached {
-            Some(v) => Ok(v.to_string()),
-            None => value_of(argv, name),
+    while let Some(arg) = parser.next().map_err(usage)? {
+        let Long(name) = arg else {
+            return Err(format!("deliver: {}", arg.unexpected()));
         };
-        match name {
-            "--exec" => {
+        let name = name.to_owned();
+        let flag = format!("--{name}");
+        let mut value = || parser.value().map_err(usage).and_then(text);
+        match name.as_str() {
+            "exec" => {
                 let command = value()?;
                 if command.trim().is_empty() {
                     return Err("--exec: empty command".into());
@@ -207,24 +179,24 @@ fn parse_deliver(argv: &mut impl Iterator<Item = String>) -> Result<DeliverArgs,
                     return Err("deliver: give one --exec or --relay".into());
                 }
             }
-            "--relay" => {
+            "relay" => {
                 let server = value()?;
                 qmqpd::client::parse_server(&server).map_err(|e| format!("--relay: {e}"))?;
                 if target.replace(Target::Relay(server)).is_some() {
                     return Err("deliver: give one --exec or --relay".into());
                 }
             }
-            "--once" if attached.is_none() => args.once = true,
-            "--flush" if attached.is_none() => args.flush = true,
-            "--interval" => args.interval = parse_time_option(name, &value()?, false)?,
-            "--stale-time" => args.stale_time = Some(parse_time_option(name, &value()?, true)?),
-            "--timeout" => args.timeout = Some(parse_time_option(name, &value()?, false)?),
-            "--min-backoff" => args.min_backoff = Some(parse_time_option(name, &value()?, true)?),
-            "--max-backoff" => args.max_backoff = Some(parse_time_option(name, &value()?, true)?),
+            "once" => args.once = true,
+            "flush" => args.flush = true,
+            "interval" => args.interval = parse_time_option(&flag, &value()?, false)?,
+            "stale-time" => args.stale_time = Some(parse_time_option(&flag, &value()?, true)?),
+            "timeout" => args.timeout = Some(parse_time_option(&flag, &value()?, false)?),
+            "min-backoff" => args.min_backoff = Some(parse_time_option(&flag, &value()?, true)?),
+            "max-backoff" => args.max_backoff = Some(parse_time_option(&flag, &value()?, true)?),
             _ => {
                 return Err(format!(
                     "deliver: unknown option \"{}\"",
-                    arg.escape_debug()
+                    flag.escape_debug()
                 ));
             }
         }
@@ -264,16 +236,16 @@ fn run() -> u8 {
     let mail_config = std::env::var_os("MAIL_CONFIG")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from);
-    let args = match utf8_args(std::env::args_os().skip(1)).and_then(parse_args) {
+    let args = match parse_args(std::env::args_os().skip(1)) {
         Ok(args) => args,
         Err(why) => {
             let _ = writeln!(io::stderr(), "qmqp-queue: {why}\n{USAGE}");
-            return EXIT_USAGE;
+            return EX_USAGE;
         }
     };
     if args.command == Cmd::Help {
         let _ = writeln!(io::stdout(), "{USAGE}");
-        return EXIT_OK;
+        return EX_OK;
     }
     let source = Source {
         dir: args.config_dir.clone(),
@@ -284,12 +256,12 @@ fn run() -> u8 {
         Ok(cfg) => cfg,
         Err(e) => {
             let _ = writeln!(io::stderr(), "qmqp-queue: fatal: {e}");
-            return EXIT_CONFIG;
+            return EX_CONFIG;
         }
     };
     let queue_dir = cfg.params.queue_directory.clone();
     match &args.command {
-        Cmd::Help => EXIT_OK,
+        Cmd::Help => EX_OK,
         Cmd::List { json } => {
             warn_on_stderr(&cfg.warnings);
             listed_status(listing::list(
@@ -314,17 +286,13 @@ fn run() -> u8 {
                 syslog_facility: cfg.params.syslog_facility.clone(),
                 syslog_name: cfg.params.syslog_name.clone(),
                 maillog_file: cfg.params.maillog_file.clone(),
-                level: match args.verbose {
-                    0 => log::LevelFilter::Info,
-                    1 => log::LevelFilter::Debug,
-                    _ => log::LevelFilter::Trace,
-                },
+                level: program::log_level(args.verbose),
                 // qmqp-queue never talks to a client: stderr is the operator's.
                 stderr_ok: true,
             };
             if let Err(e) = logging::init(&setup) {
                 let _ = writeln!(io::stderr(), "qmqp-queue: fatal: {e:#}");
-                return EXIT_CONFIG;
+                return EX_CONFIG;
             }
             for warning in &cfg.warnings {
                 log::warn!("{warning}");
@@ -343,81 +311,28 @@ fn warn_on_stderr(warnings: &[String]) {
 /// The exit status for how a `list` or `show` ended.
 fn listed_status(end: Listed) -> u8 {
     match end {
-        Listed::Done => EXIT_OK,
-        Listed::NoSuchMessage => EXIT_NO_MESSAGE,
-        Listed::Unreadable => EXIT_IOERR,
-        Listed::KeepsMoving => EXIT_TEMPFAIL,
-    }
-}
-
-/// Set by SIGTERM or SIGINT; wakes a sleeping deliverer.
-struct Stop {
-    flag: AtomicBool,
-    lock: Mutex<()>,
-    wake: Condvar,
-}
-
-impl Stop {
-    /// Blocks SIGTERM and SIGINT in this thread (and every thread started later; commands
-    /// start with a clean mask) and starts a thread that waits for them. Call before
-    /// starting any other thread.
-    fn install() -> io::Result<Arc<Stop>> {
-        let stop = Arc::new(Stop {
-            flag: AtomicBool::new(false),
-            lock: Mutex::new(()),
-            wake: Condvar::new(),
-        });
-        let mut set = SigSet::empty();
-        set.add(Signal::SIGTERM);
-        set.add(Signal::SIGINT);
-        set.thread_block()?;
-        let waiter = Arc::clone(&stop);
-        std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || {
-                while let Ok(sig) = set.wait() {
-                    log::info!("{sig}: stopping after the current message");
-                    waiter.flag.store(true, Ordering::SeqCst);
-                    let _guard = waiter.lock.lock().unwrap_or_else(PoisonError::into_inner);
-                    waiter.wake.notify_all();
-                }
-            })?;
-        Ok(stop)
-    }
-
-    fn is_set(&self) -> bool {
-        self.flag.load(Ordering::SeqCst)
-    }
-
-    /// Sleeps for `d`, or until stopped.
-    fn sleep(&self, d: Duration) {
-        let guard = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
-        if self.is_set() {
-            return;
-        }
-        // A spurious wake-up only makes the deliverer look at the queue early.
-        let _ = self
-            .wake
-            .wait_timeout(guard, d)
-            .unwrap_or_else(PoisonError::into_inner);
+        Listed::Done => EX_OK,
+        Listed::NoSuchMessage => EX_NOINPUT,
+        Listed::Unreadable => EX_IOERR,
+        Listed::KeepsMoving => EX_TEMPFAIL,
     }
 }
 
 /// `deliver`: take back stale claims, then drain `new/` (`--once`) or watch it until
 /// signalled.
 fn deliver(queue_dir: &Path, args: &DeliverArgs) -> u8 {
-    let stop = match Stop::install() {
+    let stop = match Stop::install(|sig| log::info!("{sig}: stopping after the current message")) {
         Ok(stop) => stop,
         Err(e) => {
             log::error!("fatal: cannot set up signal handling: {e}");
-            return EXIT_TEMPFAIL;
+            return EX_TEMPFAIL;
         }
     };
     match run_deliver(queue_dir, args, &stop) {
-        Ok(()) => EXIT_OK,
+        Ok(()) => EX_OK,
         Err(e) => {
             log::error!("fatal: {e}");
-            EXIT_TEMPFAIL
+            EX_TEMPFAIL
         }
     }
 }
@@ -435,7 +350,7 @@ fn run_deliver(queue_dir: &Path, args: &DeliverArgs, stop: &Stop) -> Result<(), 
     );
     deliverer.take_back_stale(SystemTime::now())?;
     if args.once {
-        let claimed = deliverer.drain(&stop.flag)?;
+        let claimed = deliverer.drain(stop.flag())?;
         log::info!("done: {claimed} messages handled");
         return Ok(());
     }
@@ -445,7 +360,7 @@ fn run_deliver(queue_dir: &Path, args: &DeliverArgs, stop: &Stop) -> Result<(), 
             deliverer.take_back_stale(SystemTime::now())?;
             stale_checked = Instant::now();
         }
-        deliverer.deliver_pass(false, &stop.flag)?;
+        deliverer.deliver_pass(false, stop.flag())?;
         stop.sleep(args.interval);
     }
     log::info!("stopped");
@@ -457,7 +372,7 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Args, String> {
-        parse_args(args.iter().map(|s| s.to_string()).collect())
+        parse_args(args.iter().map(OsString::from))
     }
 
     fn deliver_args(args: &[&str]) -> DeliverArgs {

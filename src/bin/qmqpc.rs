@@ -19,16 +19,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use qmqpd::client::{self, Reply, Status};
+use qmqpd::program::{EX_DATAERR, EX_OK, EX_TEMPFAIL, EX_USAGE};
 
 const USAGE: &str =
     "usage: qmqpc [-s host[:port]] [-t seconds] -f sender [--] recipient... < message";
 const DEFAULT_SERVER: &str = "127.0.0.1:628";
 const DEFAULT_TIMEOUT_SECS: u64 = 300;
-
-const EXIT_OK: u8 = 0;
-const EXIT_USAGE: u8 = 64;
-const EXIT_PERMFAIL: u8 = 65;
-const EXIT_TEMPFAIL: u8 = 75;
 
 /// What the command line asks for.
 #[derive(Debug, PartialEq, Eq)]
@@ -49,44 +45,36 @@ enum Command {
 /// Parses the arguments after the program name, getopt style: options first (`-sX` or
 /// `-s X`), then `--` or the first recipient; everything after that is a recipient.
 fn parse_args<I: IntoIterator<Item = OsString>>(argv: I) -> Result<Command, String> {
-    let mut argv = argv.into_iter();
+    use lexopt::prelude::*;
+    let mut parser = lexopt::Parser::from_args(argv);
     let mut server = None;
     let mut timeout = None;
     let mut sender = None;
     let mut recipients = Vec::new();
-    while let Some(arg) = argv.next() {
-        let bytes = arg.into_vec();
-        if bytes == b"--" {
-            break;
-        }
-        if bytes == b"-h" || bytes == b"--help" {
-            return Ok(Command::Help);
-        }
-        let (Some(b'-'), Some(&opt)) = (bytes.first().copied(), bytes.get(1)) else {
-            recipients.push(bytes);
-            break;
-        };
-        let attached = bytes.get(2..).unwrap_or_default();
-        let value = if attached.is_empty() {
-            argv.next()
-                .map(OsStringExt::into_vec)
-                .ok_or_else(|| format!("option -{} needs a value", char::from(opt)))?
-        } else {
-            attached.to_vec()
-        };
-        match opt {
-            b's' => {
-                let text = String::from_utf8(value)
+    let usage = |e: lexopt::Error| e.to_string();
+    while let Some(arg) = parser.next().map_err(usage)? {
+        match arg {
+            Short('h') | Long("help") => return Ok(Command::Help),
+            Short('s') => {
+                let text = parser.value().map_err(usage)?.into_vec();
+                let text = String::from_utf8(text)
                     .map_err(|e| format!("bad server \"{}\"", e.as_bytes().escape_ascii()))?;
                 client::parse_server(&text).map_err(|e| e.to_string())?;
                 server = Some(text);
             }
-            b't' => timeout = Some(parse_timeout(&value)?),
-            b'f' => sender = Some(value),
-            _ => return Err(format!("unknown option \"{}\"", bytes.escape_ascii())),
+            Short('t') => {
+                timeout = Some(parse_timeout(&parser.value().map_err(usage)?.into_vec())?)
+            }
+            Short('f') => sender = Some(parser.value().map_err(usage)?.into_vec()),
+            Value(first) => {
+                // The first recipient ends the options: the rest are recipients as they are.
+                recipients.push(first.into_vec());
+                let rest = parser.raw_args().map_err(usage)?;
+                recipients.extend(rest.map(OsStringExt::into_vec));
+            }
+            _ => return Err(arg.unexpected().to_string()),
         }
     }
-    recipients.extend(argv.map(OsStringExt::into_vec));
     let sender = sender.ok_or("missing -f sender (use -f '' for a null sender)")?;
     if recipients.is_empty() {
         return Err("no recipients".into());
@@ -157,25 +145,25 @@ fn main() -> ExitCode {
         Ok(Command::Send(args)) => args,
         Ok(Command::Help) => {
             let _ = writeln!(io::stdout(), "{USAGE}");
-            return ExitCode::from(EXIT_OK);
+            return ExitCode::from(EX_OK);
         }
         Err(why) => {
             let _ = writeln!(io::stderr(), "qmqpc: {why}\n{USAGE}");
-            return ExitCode::from(EXIT_USAGE);
+            return ExitCode::from(EX_USAGE);
         }
     };
     match run(&args) {
         Ok(reply) => {
             let _ = writeln!(io::stdout(), "{reply}");
             ExitCode::from(match reply.status {
-                Status::Ok => EXIT_OK,
-                Status::PermFail => EXIT_PERMFAIL,
-                Status::TempFail => EXIT_TEMPFAIL,
+                Status::Ok => EX_OK,
+                Status::PermFail => EX_DATAERR,
+                Status::TempFail => EX_TEMPFAIL,
             })
         }
         Err(e) => {
             let _ = writeln!(io::stderr(), "qmqpc: {e:#}");
-            ExitCode::from(EXIT_TEMPFAIL)
+            ExitCode::from(EX_TEMPFAIL)
         }
     }
 }

@@ -11,37 +11,32 @@ use std::ffi::{CString, OsString};
 use std::io::{self, IsTerminal, Write};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, anyhow};
 use nix::unistd::{Uid, User};
 
 use qmqpd::config::{self, Config, Source};
-use qmqpd::listen::{self, Incoming, Listener, Passed};
+use qmqpd::listen::{self, Incoming, Listener};
 use qmqpd::logging::{self, LogSetup};
 use qmqpd::peer::LaunchEnv;
+use qmqpd::program::{self, EX_CONFIG, EX_OK, EX_TEMPFAIL, Stop};
 use qmqpd::queue::STALE_TMP_AGE;
 use qmqpd::reply::{Rejection, Reply};
-use qmqpd::server::{self, Connection, Limits, Service, StopSignal};
+use qmqpd::server::{self, Connection, Limits, Service};
 use qmqpd::session::Outcome;
-
-/// Exit status: the transaction ended normally (K, D, or the client went away).
-const EXIT_OK: i32 = 0;
-/// Exit status: the client got Z because of a local problem.
-const EXIT_TEMPFAIL: i32 = 75;
-/// Exit status: configuration error.
-const EXIT_CONFIG: i32 = 78;
 
 const USAGE: &str =
     "usage: qmqpd [-c config_dir] [-o name=value]... [-v]... [--listen addr:port]... | -n | -d";
 
-fn main() {
-    std::process::exit(run());
+fn main() -> ExitCode {
+    ExitCode::from(run())
 }
 
 /// What the command line asks for.
-#[derive(Default)]
+#[derive(Debug, Default, PartialEq, Eq)]
 struct Args {
     config_dir: Option<PathBuf>,
     overrides: Vec<String>,
@@ -52,38 +47,26 @@ struct Args {
     help: bool,
 }
 
-fn parse_args(mut argv: impl Iterator<Item = OsString>) -> anyhow::Result<Args> {
+fn parse_args(argv: impl IntoIterator<Item = OsString>) -> Result<Args, lexopt::Error> {
+    use lexopt::prelude::*;
     let mut args = Args::default();
-    let value = |argv: &mut dyn Iterator<Item = OsString>, flag: &str| {
-        argv.next()
-            .and_then(|v| v.into_string().ok())
-            .ok_or_else(|| anyhow!("option {flag} needs a value"))
-    };
-    while let Some(arg) = argv.next() {
-        let arg = arg
-            .into_string()
-            .map_err(|a| anyhow!("argument is not UTF-8: {a:?}"))?;
-        match arg.as_str() {
-            "-c" => args.config_dir = Some(PathBuf::from(value(&mut argv, "-c")?)),
-            "-o" => args.overrides.push(value(&mut argv, "-o")?),
-            "-n" => args.print_explicit = true,
-            "-d" => args.print_defaults = true,
-            "-h" | "--help" => args.help = true,
-            "--listen" => args.listen.push(value(&mut argv, "--listen")?),
-            _ if arg.starts_with("--listen=") => {
-                args.listen
-                    .push(arg.trim_start_matches("--listen=").to_owned());
-            }
-            _ if arg.len() > 1 && arg.starts_with('-') && arg[1..].bytes().all(|b| b == b'v') => {
-                args.verbose += u32::try_from(arg.len() - 1).unwrap_or(u32::MAX);
-            }
-            _ => bail!("unexpected argument {arg:?}"),
+    let mut parser = lexopt::Parser::from_args(argv);
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('c') => args.config_dir = Some(PathBuf::from(parser.value()?)),
+            Short('o') => args.overrides.push(parser.value()?.string()?),
+            Short('n') => args.print_explicit = true,
+            Short('d') => args.print_defaults = true,
+            Short('h') | Long("help") => args.help = true,
+            Short('v') => args.verbose = args.verbose.saturating_add(1),
+            Long("listen") => args.listen.push(parser.value()?.string()?),
+            _ => return Err(arg.unexpected()),
         }
     }
     Ok(args)
 }
 
-fn run() -> i32 {
+fn run() -> u8 {
     logging::install_panic_hook();
     // The environment is read here, once, before any thread starts.
     let env = LaunchEnv::from_env();
@@ -92,16 +75,23 @@ fn run() -> i32 {
         .filter(|v| !v.is_empty())
         .map(PathBuf::from);
 
-    let args = match parse_args(std::env::args_os().skip(1)) {
+    let parsed = parse_args(std::env::args_os().skip(1));
+    let listen_args = parsed
+        .as_ref()
+        .map(|a| a.listen.clone())
+        .unwrap_or_default();
+    // Where the connections come from is decided here, once; a failure is reported once
+    // logging is set up.
+    let incoming = systemd_fds.and_then(|fds| listen::classify(listen_args, fds));
+    let waiting = waiting_client(&incoming);
+    let listener = incoming.as_ref().is_ok_and(Incoming::is_listener);
+    let args = match parsed {
         Ok(args) => args,
-        Err(e) => {
-            let waiting = waiting_client(false, systemd_fds.as_deref().unwrap_or(&[]));
-            return fail_config(&format!("{e:#}; {USAGE}"), &waiting);
-        }
+        Err(e) => return fail_config(&format!("{e}; {USAGE}"), listener, &waiting),
     };
     if args.help {
         println!("{USAGE}");
-        return EXIT_OK;
+        return EX_OK;
     }
     if args.print_defaults {
         return print_with(|out| config::write_defaults(out));
@@ -117,27 +107,28 @@ fn run() -> i32 {
             Ok(cfg) => print_with(|out| cfg.write_explicit(out)),
             Err(e) => {
                 eprintln!("qmqpd: fatal: {e}");
-                EXIT_CONFIG
+                EX_CONFIG
             }
         };
     }
-    let waiting = waiting_client(
-        !args.listen.is_empty(),
-        systemd_fds.as_deref().unwrap_or(&[]),
-    );
+    let stop = if listener {
+        Stop::install(|sig| log::info!("{sig}: stopping: no new connections"))
+    } else {
+        Stop::watch()
+    };
     let cfg = match loaded {
         Ok(cfg) => cfg,
-        Err(e) => return fail_config(&e.to_string(), &waiting),
+        Err(e) => return fail_config(&e.to_string(), listener, &waiting),
     };
-    if let Err(e) = init_logging(&cfg, args.verbose) {
+    if let Err(e) = init_logging(&cfg, args.verbose, listener) {
         // Logging goes nowhere useful; the client still gets its Z.
-        return fail_config(&format!("{e:#}"), &waiting);
+        return fail_config(&format!("{e:#}"), listener, &waiting);
     }
     for warning in &cfg.warnings {
         log::warn!("{warning}");
     }
-    let mode = match systemd_fds.and_then(|fds| listen::choose(&args.listen, fds)) {
-        Ok(mode) => mode,
+    let incoming = match incoming {
+        Ok(incoming) => incoming,
         Err(e) => return fail_logged(&e, &waiting),
     };
     if let Err(e) = switch_user(&cfg.params.mail_owner) {
@@ -145,21 +136,27 @@ fn run() -> i32 {
     }
     // The launcher's variables describe the one connection it handed over; a listener's
     // clients are known only from their sockets.
-    let env = match mode {
-        Incoming::Listen(_) => LaunchEnv::default(),
-        _ => env,
-    };
-    let svc = match Service::new(cfg.params, env) {
+    let env = if listener { LaunchEnv::default() } else { env };
+    let mut svc = match Service::new(cfg.params, env) {
         Ok(svc) => svc,
         Err(e) => return fail_logged(&e.to_string(), &waiting),
     };
-    match (mode, waiting) {
-        (Incoming::Listen(listeners), _) => {
-            serve_listeners(svc, &listeners, !args.listen.is_empty())
+    let stop = match stop {
+        Ok(stop) => stop,
+        Err(e) => {
+            return fail_logged(&format!("cannot set up signal handling: {e}"), &waiting);
         }
+    };
+    let self_bound = matches!(incoming, Incoming::Addresses(_));
+    match (incoming.bind(), waiting) {
+        (Some(Ok(listeners)), _) => serve_listeners(svc, &listeners, self_bound, &stop),
+        (Some(Err(e)), waiting) => fail_logged(&e, &waiting),
         // The waiting client is the connection on stdin/stdout or the passed socket.
-        (_, Waiting::Client(conn)) => serve_once(&svc, conn),
-        (_, Waiting::Nobody) => fail_logged(
+        (None, Waiting::Client(conn)) => {
+            svc.cut_off_by(Arc::clone(&stop));
+            serve_once(&svc, conn, &stop)
+        }
+        (None, Waiting::Nobody) => fail_logged(
             "cannot use the client connection (stdin/stdout or the socket systemd passed)",
             &Waiting::Nobody,
         ),
@@ -167,33 +164,33 @@ fn run() -> i32 {
 }
 
 /// Serves one connection and maps its outcome to the exit status.
-fn serve_once(svc: &Service, conn: Connection) -> i32 {
+/// A stop signal that came meanwhile cut the request off (the session logged what and
+/// removed its queue file); the process then ends by that signal, as it would have.
+fn serve_once(svc: &Service, conn: Connection, stop: &Stop) -> u8 {
     let outcome = server::serve_connection(svc, conn);
+    if let Some(sig) = stop.signal() {
+        program::die_by(sig);
+    }
     remove_stale_tmp(svc);
     exit_status(&outcome)
 }
 
 /// The one place that maps a transaction's outcome to an exit status.
-fn exit_status(outcome: &Outcome) -> i32 {
+fn exit_status(outcome: &Outcome) -> u8 {
     if outcome.local_failure() {
-        EXIT_TEMPFAIL
+        EX_TEMPFAIL
     } else {
-        EXIT_OK
+        EX_OK
     }
 }
 
-fn serve_listeners(svc: Service, listeners: &[Listener], self_bound: bool) -> i32 {
-    let stop = match StopSignal::install() {
-        Ok(stop) => stop,
-        Err(e) => {
-            return fail_logged(
-                &format!("cannot set up signal handling: {e}"),
-                &Waiting::Nobody,
-            );
-        }
-    };
+fn serve_listeners(mut svc: Service, listeners: &[Listener], self_bound: bool, stop: &Stop) -> u8 {
     remove_stale_tmp(&svc);
-    let params = &svc.params;
+    match Stop::new() {
+        Ok(cut_off) => svc.cut_off_by(cut_off),
+        Err(e) => log::warn!("cannot set up cutting off transactions at stop: {e}"),
+    }
+    let params = svc.params();
     let limits = Limits {
         max_use: (!self_bound).then_some(params.max_use),
         // max_idle = 0 means no idle exit (exiting before the first accept would make systemd
@@ -204,48 +201,57 @@ fn serve_listeners(svc: Service, listeners: &[Listener], self_bound: bool) -> i3
     for l in listeners {
         log::info!("listening on {l}");
     }
-    match server::run_listeners(Arc::new(svc), listeners, limits, &stop) {
+    match server::run_listeners(Arc::new(svc), listeners, limits, stop) {
         Ok(served) => {
             log::info!("served {served} connections: exiting");
-            EXIT_OK
+            EX_OK
         }
         Err(e) => {
             log::error!("accept loop failed: {e}");
-            EXIT_TEMPFAIL
+            EX_TEMPFAIL
         }
     }
 }
 
 fn remove_stale_tmp(svc: &Service) {
-    match svc.queue.remove_stale_tmp(STALE_TMP_AGE, SystemTime::now()) {
+    match svc
+        .queue()
+        .remove_stale_tmp(STALE_TMP_AGE, SystemTime::now())
+    {
         Ok(0) => {}
         Ok(n) => log::info!(
             "removed {n} stale files from {}/tmp",
-            svc.queue.dir().display()
+            svc.queue().dir().display()
         ),
-        Err(e) => log::debug!("cannot scan {}/tmp: {e}", svc.queue.dir().display()),
+        Err(e) => log::debug!("cannot scan {}/tmp: {e}", svc.queue().dir().display()),
     }
 }
 
-fn init_logging(cfg: &Config, verbose: u32) -> anyhow::Result<()> {
-    let level = match verbose {
-        0 => log::LevelFilter::Info,
-        1 => log::LevelFilter::Debug,
-        _ => log::LevelFilter::Trace,
-    };
+fn init_logging(cfg: &Config, verbose: u32, listener: bool) -> anyhow::Result<()> {
+    let level = program::log_level(verbose);
     logging::init(&LogSetup {
         program: "qmqpd",
         syslog_facility: cfg.params.syslog_facility.clone(),
         syslog_name: cfg.params.syslog_name.clone(),
         maillog_file: cfg.params.maillog_file.clone(),
         level,
-        stderr_ok: stderr_ok(),
+        stderr_ok: stderr_ok(listener),
     })
 }
 
 /// Stderr may carry messages only when it is not the client connection (or is a terminal).
-fn stderr_ok() -> bool {
-    io::stderr().is_terminal() || !logging::stderr_is_connection(None)
+/// A listener has no client on a standard descriptor: there stderr is usable unless it is
+/// a listening socket itself (inetd `wait` mode may pass the socket as fd 2 too).
+fn stderr_ok(listener: bool) -> bool {
+    if io::stderr().is_terminal() {
+        return true;
+    }
+    if listener {
+        let stderr = io::stderr();
+        return nix::sys::stat::fstat(stderr.as_fd()).is_ok()
+            && !matches!(listen::is_listening(stderr.as_fd()), Ok(true));
+    }
+    !logging::stderr_is_connection(None)
 }
 
 /// Started as root: become `mail_owner` (with its groups) before reading the client.
@@ -275,23 +281,20 @@ enum Waiting {
     Nobody,
 }
 
-fn waiting_client(listen: bool, systemd_fds: &[Passed]) -> Waiting {
-    let conn = match systemd_fds {
-        _ if listen => return Waiting::Nobody,
-        [] => Connection::stdio(),
-        [Passed::Tcp(fd) | Passed::Unix(fd)]
-            if matches!(listen::is_listening(fd.as_fd()), Ok(false)) =>
-        {
-            fd.try_clone().and_then(Connection::socket)
-        }
-        _ => return Waiting::Nobody,
+/// The client on stdin/stdout or the connected socket systemd passed; nobody in the
+/// listener modes, or when the source could not be decided.
+fn waiting_client(incoming: &Result<Incoming, String>) -> Waiting {
+    let conn = match incoming {
+        Ok(Incoming::Stdio) => Connection::stdio(),
+        Ok(Incoming::Passed(fd)) => fd.try_clone().and_then(Connection::socket),
+        Ok(Incoming::Listen(_) | Incoming::Addresses(_)) | Err(_) => return Waiting::Nobody,
     };
     conn.map_or(Waiting::Nobody, Waiting::Client)
 }
 
 /// A configuration error before logging is set up: tell whoever can hear it, give a waiting
 /// client its Z, exit 78.
-fn fail_config(msg: &str, waiting: &Waiting) -> i32 {
+fn fail_config(msg: &str, listener: bool, waiting: &Waiting) -> u8 {
     let defaults = config::Params::default();
     let setup = LogSetup {
         program: "qmqpd",
@@ -299,7 +302,7 @@ fn fail_config(msg: &str, waiting: &Waiting) -> i32 {
         syslog_name: defaults.syslog_name,
         maillog_file: String::new(),
         level: log::LevelFilter::Info,
-        stderr_ok: stderr_ok(),
+        stderr_ok: stderr_ok(listener),
     };
     if logging::init(&setup).is_err() || io::stderr().is_terminal() {
         eprintln!("qmqpd: fatal: {msg}");
@@ -308,21 +311,21 @@ fn fail_config(msg: &str, waiting: &Waiting) -> i32 {
 }
 
 /// A configuration error with logging set up (or unavailable): log, reply Z, exit 78.
-fn fail_logged(msg: &str, waiting: &Waiting) -> i32 {
+fn fail_logged(msg: &str, waiting: &Waiting) -> u8 {
     log::error!("fatal: {msg}");
     if let Waiting::Client(conn) = waiting {
         server::refuse(conn, &Reply::Rejected(Rejection::Internal));
     }
-    EXIT_CONFIG
+    EX_CONFIG
 }
 
-fn print_with(f: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> i32 {
+fn print_with(f: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> u8 {
     let mut out = io::stdout().lock();
     match f(&mut out).and_then(|()| out.flush()) {
-        Ok(()) => EXIT_OK,
+        Ok(()) => EX_OK,
         Err(e) => {
             eprintln!("qmqpd: cannot write: {e}");
-            EXIT_TEMPFAIL
+            EX_TEMPFAIL
         }
     }
 }

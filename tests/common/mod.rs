@@ -105,6 +105,18 @@ impl TestQueue {
         ]
     }
 
+    /// `args()` without `-o maillog_file=...`: qmqpd then logs to syslog, or to stderr
+    /// where that is allowed.
+    pub fn args_without_maillog(&self) -> Vec<String> {
+        let mut args = self.args();
+        let at = args
+            .iter()
+            .position(|a| a.starts_with("maillog_file="))
+            .expect("args() sets maillog_file");
+        args.drain(at - 1..=at);
+        args
+    }
+
     /// Sorted entries of queue/<sub> ("new", "tmp", "cur"); empty if missing.
     pub fn files(&self, sub: &str) -> Vec<PathBuf> {
         let Ok(entries) = std::fs::read_dir(self.queue_dir().join(sub)) else {
@@ -118,19 +130,32 @@ impl TestQueue {
     }
 }
 
-/// qmqpd in stdin mode as tcpserver starts it for a client at 127.0.0.1:40000: the queue's
-/// arguments, `extra`, the UCSPI variables, and none of the variables that would change the
-/// mode or the configuration (LISTEN_*, MAIL_CONFIG, a client name).
-pub fn stdin_qmqpd(q: &TestQueue, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(qmqpd_bin());
-    cmd.args(q.args())
-        .args(extra)
-        .env_remove("LISTEN_FDS")
+/// Removes from `cmd`'s environment the variables that would change qmqpd's mode or
+/// configuration behind a test's back: LISTEN_* (systemd sockets), MAIL_CONFIG, and a
+/// launcher's client name.
+pub fn clear_qmqpd_env(cmd: &mut Command) -> &mut Command {
+    cmd.env_remove("LISTEN_FDS")
         .env_remove("LISTEN_PID")
         .env_remove("MAIL_CONFIG")
         .env_remove("TCPREMOTEHOST")
         .env_remove("TCP6REMOTEHOST")
-        .env("PROTO", "TCP")
+}
+
+/// qmqpd in stdin mode with the queue's arguments and `extra`, and none of the variables
+/// `clear_qmqpd_env` removes; the caller says who the client is (or leaves it unknown).
+pub fn bare_stdin_qmqpd(q: &TestQueue, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(qmqpd_bin());
+    cmd.args(q.args()).args(extra);
+    clear_qmqpd_env(&mut cmd);
+    cmd
+}
+
+/// qmqpd in stdin mode as tcpserver starts it for a client at 127.0.0.1:40000: the queue's
+/// arguments, `extra`, the UCSPI variables, and none of the variables that would change the
+/// mode or the configuration (LISTEN_*, MAIL_CONFIG, a client name).
+pub fn stdin_qmqpd(q: &TestQueue, extra: &[&str]) -> Command {
+    let mut cmd = bare_stdin_qmqpd(q, extra);
+    cmd.env("PROTO", "TCP")
         .env("TCPREMOTEIP", "127.0.0.1")
         .env("TCPREMOTEPORT", "40000");
     cmd
@@ -162,7 +187,7 @@ pub fn split_netstrings(mut bytes: &[u8]) -> Vec<Vec<u8>> {
     parts
 }
 
-/// A queue file split into its parts (DESIGN.md §7.3).
+/// A queue file split into its parts (docs/queue-format.md).
 #[derive(Debug)]
 pub struct QueueFile {
     /// The attributes netstring, "qmqpd-queue 1\n" then name=value lines.
@@ -233,6 +258,16 @@ impl Server {
     /// have taken the port). None, with the reason on stderr, when this machine cannot bind
     /// `ip` at all (no IPv6 loopback).
     pub fn start_at(q: &TestQueue, ip: IpAddr, extra: &[&str]) -> Option<Server> {
+        Server::start_with_env(q, ip, extra, &[])
+    }
+
+    /// `start_at`, with these variables added to qmqpd's environment.
+    pub fn start_with_env(
+        q: &TestQueue,
+        ip: IpAddr,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Option<Server> {
         let mut last_exit = None;
         for _attempt in 0..5 {
             let addr = match TcpListener::bind(SocketAddr::new(ip, 0)).and_then(|l| l.local_addr())
@@ -248,6 +283,7 @@ impl Server {
                 .arg(addr.to_string())
                 .args(q.args())
                 .args(extra)
+                .envs(env.iter().copied())
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .spawn()
@@ -348,18 +384,12 @@ impl Server {
         let mut stream = self.connect();
         stream.write_all(bytes).expect("cannot write the request");
         let _ = stream.shutdown(std::net::Shutdown::Write);
-        let mut reply = Vec::new();
-        let _ = stream.read_to_end(&mut reply);
-        reply
+        read_all(&mut stream)
     }
 
     /// A connection to the server with the tests' safety timeouts.
     pub fn connect(&self) -> TcpStream {
-        let stream = TcpStream::connect(self.addr)
-            .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", self.addr));
-        stream.set_read_timeout(Some(IO_LIMIT)).expect("timeout");
-        stream.set_write_timeout(Some(IO_LIMIT)).expect("timeout");
-        stream
+        connect(self.addr)
     }
 }
 
@@ -368,6 +398,52 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A connection to `addr` with the tests' safety timeouts (never expected to fire).
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let stream =
+        TcpStream::connect(addr).unwrap_or_else(|e| panic!("cannot connect to {addr}: {e}"));
+    stream.set_read_timeout(Some(IO_LIMIT)).expect("timeout");
+    stream.set_write_timeout(Some(IO_LIMIT)).expect("timeout");
+    stream
+}
+
+/// Every byte the server sends until it closes (an error ends the reading too).
+pub fn read_all(stream: &mut TcpStream) -> Vec<u8> {
+    let mut reply = Vec::new();
+    let _ = stream.read_to_end(&mut reply);
+    reply
+}
+
+/// Sends `bytes` on `stream` (without half-closing) and returns the reply's payload, the
+/// status letter and text ("" when the server closed without a reply).
+pub fn send_on(mut stream: TcpStream, bytes: &[u8]) -> String {
+    stream.write_all(bytes).expect("cannot write the request");
+    reply_payload(&read_all(&mut stream))
+}
+
+/// The payload of the one reply netstring in `bytes`, "" when there is none.
+pub fn reply_payload(bytes: &[u8]) -> String {
+    if bytes.is_empty() {
+        return String::new();
+    }
+    let parts = split_netstrings(bytes);
+    assert_eq!(parts.len(), 1, "one reply: {}", text(bytes));
+    text(&parts[0])
+}
+
+/// Connects to `addr`, sends `request`, half-closes and returns what arrived until the
+/// server closed, together with the error that ended the reading, if any (a reset).
+pub fn exchange_until_error(addr: SocketAddr, request: &[u8]) -> (Vec<u8>, Option<std::io::Error>) {
+    let mut stream = connect(addr);
+    // The server may answer without reading (a configuration error): a failed write is
+    // not the point here, what the client reads is.
+    let _ = stream.write_all(request);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut reply = Vec::new();
+    let error = stream.read_to_end(&mut reply).err();
+    (reply, error)
 }
 
 /// Runs `cmd` with `stdin` as its input and captures stdout and stderr; kills it and
@@ -436,6 +512,26 @@ pub fn wait_bounded(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
             let _ = child.wait();
             return None;
         }
+        thread::sleep(POLL);
+    }
+}
+
+/// How long `wait_until` waits for a condition: generous, for a slow and busy machine.
+pub const WAIT_LIMIT: Duration = Duration::from_secs(60);
+
+/// Polls `done` (every 20 ms) until it holds; panics naming `why` after `WAIT_LIMIT`.
+pub fn wait_until(why: &str, done: impl FnMut() -> bool) {
+    wait_until_within(why, WAIT_LIMIT, done);
+}
+
+/// `wait_until` with its own limit.
+pub fn wait_until_within(why: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(
+            Instant::now() < deadline,
+            "still waiting after {limit:?} for {why}"
+        );
         thread::sleep(POLL);
     }
 }
