@@ -297,8 +297,8 @@ fn check_parse_request(bytes: &[u8]) -> Option<CheckRequest<'_>> {
 /// is what the client sends.
 ///
 /// Invariants: no panic; `tmp/` empty afterwards; the reply is exactly one netstring
-/// starting with K, Z or D and holding one of DESIGN §5's texts (Z only under soft_bounce:
-/// the scratch queue never fails), or nothing when the input ended early; `new/` holds a file
+/// starting with K, Z or D and holding one of the documented reply texts (Z only under
+/// soft_bounce: the scratch queue never fails), or nothing when the input was empty; `new/` holds a file
 /// exactly when the reply is K, and that file is the request's envelope and message (our
 /// Received: header first, the content as its suffix); K only for a request that a strict
 /// reference parser finds complete and valid, and K for every such request unless it may
@@ -391,7 +391,7 @@ pub fn check_transaction(dir: &std::path::Path, data: &[u8]) -> &'static str {
     );
     assert!(
         CHECK_REPLY_TEXTS.iter().any(|t| words.starts_with(t)),
-        "reply text not in DESIGN §5: {text:?}"
+        "reply text not documented: {text:?}"
     );
     assert!(
         letter != "Z" || soft_bounce,

@@ -149,7 +149,7 @@ impl Rewriter {
                             matched: matched + 1,
                         };
                         if matched + 1 == FROM_.len() {
-                            self.from_line(quotes, out)?;
+                            self.start_mailbox_line(quotes, out)?;
                         }
                     } else {
                         // Not a From_ line: give back what was held of it, byte included.
@@ -177,7 +177,7 @@ impl Rewriter {
 
     /// A leading line turned out to be a From_ line: writes its start, converted when the
     /// netstring length is still open.
-    fn from_line<W: Write>(&mut self, quotes: u64, out: &mut W) -> io::Result<()> {
+    fn start_mailbox_line<W: Write>(&mut self, quotes: u64, out: &mut W) -> io::Result<()> {
         let converted = self.held.is_some();
         if converted {
             self.mailbox_lines += 1;

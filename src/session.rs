@@ -19,7 +19,7 @@ use crate::queue::{self, Attributes, Queue, QueueFile};
 use crate::reply::{Rejection, Reply, Where};
 
 /// A rejected request is drained only while its declared length is at most this many times
-/// `message_size_limit` (DESIGN §5).
+/// `message_size_limit`; a larger one is answered at once.
 const DRAIN_FACTOR: u64 = 4;
 /// The drain bound when `message_size_limit` is 0 (no limit): four times the default limit.
 const DRAIN_FALLBACK: u64 = 4 * 10_240_000;
@@ -70,6 +70,9 @@ impl Outcome {
 enum Stop {
     /// The connection broke or timed out.
     Lost { at: Where, timeout: bool },
+    /// The client shut down its sending side (end of input) before the end of its request;
+    /// it may still read a reply.
+    Ended { at: Where },
     /// Reply now without reading further (unparseable or undrainably large request).
     ReplyNow(Rejection),
 }
@@ -105,6 +108,25 @@ pub fn serve<R: Read, W: Write>(rdr: &mut R, wtr: &mut W, t: &Transaction<'_>) -
             }
             s.finish()
         }
+        Some(Stop::Ended { at }) => {
+            // Answered as Postfix answers it: a truncated request is a format error, a
+            // denied client hears so. Only a client that sent nothing at all gets no reply.
+            if s.started {
+                s.reject(Rejection::Format(at));
+            }
+            if s.rejection.is_none() {
+                log::info!(
+                    "{}: {}: lost connection while {at}",
+                    s.log_id(),
+                    t.client.namaddr()
+                );
+                return Outcome {
+                    end: End::Lost { at, timeout: false },
+                    request_read,
+                };
+            }
+            s.finish()
+        }
         Some(Stop::ReplyNow(why)) => {
             s.reject(why);
             s.finish()
@@ -128,6 +150,8 @@ struct Session<'a> {
     message_len: u64,
     message_id: Option<String>,
     field: Vec<u8>,
+    /// True once the first byte of the request arrived.
+    started: bool,
 }
 
 impl<'a> Session<'a> {
@@ -143,6 +167,7 @@ impl<'a> Session<'a> {
             message_len: 0,
             message_id: None,
             field: Vec::new(),
+            started: false,
         }
     }
 
@@ -150,10 +175,18 @@ impl<'a> Session<'a> {
         self.queue_id.as_deref().unwrap_or("NOQUEUE")
     }
 
-    /// Records the first rejection; later ones do not change the reply. The queue file goes
-    /// (removing itself from `tmp/`), so from here on `file` is None and bytes are discarded.
+    /// Records a rejection; the queue file goes (removing itself from `tmp/`), so from here
+    /// on `file` is None and bytes are discarded. Which one the client hears follows
+    /// Postfix: the access verdict and the size limit are decided before anything is read,
+    /// and the first malformed or over-long netstring ends Postfix's reading, so it wins over
+    /// what is found in the fields (addresses, hops, VERP), which Postfix checks only after
+    /// the whole request; among the rest, the first one found.
     fn reject(&mut self, why: Rejection) {
-        if self.rejection.is_none() {
+        let replaces = match &self.rejection {
+            None => true,
+            Some(old) => is_stream_error(&why) && !decided_first(old),
+        };
+        if replaces {
             self.rejection = Some(why);
         }
         self.file = None;
@@ -180,7 +213,10 @@ impl<'a> Session<'a> {
             self.reject(Rejection::NotAuthorized(self.t.client.namaddr()));
         }
         // Unbuffered, one byte a read, so nothing after the `:` is taken.
-        let len = netstring::read_len(&mut BufReader::with_capacity(1, &mut *rdr), None)
+        let mut header = BufReader::with_capacity(1, &mut *rdr);
+        netstring::fill(&mut header).map_err(|e| stop(e, Where::Header, Rejection::TooLarge))?;
+        self.started = true;
+        let len = netstring::read_len(&mut header, None)
             .map_err(|e| stop(e, Where::Header, Rejection::TooLarge))?;
         if params.message_size_limit > 0 && len > params.message_size_limit {
             self.reject(Rejection::TooLarge);
@@ -447,6 +483,7 @@ impl<'a> Session<'a> {
 /// errors reply at once (`overflow` is what an over-long length means at this stage).
 fn stop(e: NetstringError, at: Where, overflow: Rejection) -> Stop {
     match e {
+        NetstringError::Lost(e) if e.kind() == io::ErrorKind::UnexpectedEof => Stop::Ended { at },
         NetstringError::Lost(_) => Stop::Lost { at, timeout: false },
         NetstringError::Timeout => Stop::Lost { at, timeout: true },
         NetstringError::Format => Stop::ReplyNow(Rejection::Format(at)),
@@ -455,6 +492,17 @@ fn stop(e: NetstringError, at: Where, overflow: Rejection) -> Stop {
             _ => Rejection::Format(at),
         }),
     }
+}
+
+/// A malformed or over-long netstring: where Postfix stops reading and replies.
+fn is_stream_error(why: &Rejection) -> bool {
+    matches!(why, Rejection::Format(_) | Rejection::FieldTooLong(_))
+}
+
+/// Rejections that no later finding overrides: the access verdict and the size limit (known
+/// before the request is read), and the first stream error.
+fn decided_first(why: &Rejection) -> bool {
+    is_stream_error(why) || matches!(why, Rejection::NotAuthorized(_) | Rejection::TooLarge)
 }
 
 /// The VERP delimiters a `prefix@origin-@[]` sender asks for (Postfix's rule: the character
@@ -588,18 +636,84 @@ mod tests {
     }
 
     #[test]
-    fn serve_lost_connection_leaves_nothing() {
+    fn serve_silent_client_gets_no_reply() {
         let f = Fixture::new();
+        let (outcome, reply, _) = f.serve(b"", true);
+        assert!(reply.is_empty(), "{reply}");
+        assert!(matches!(outcome.end, End::Lost { timeout: false, .. }));
+        assert_eq!((f.files("new"), f.files("tmp")), (0, 0));
+    }
+
+    #[test]
+    fn serve_answers_truncated_request_with_format_error() {
+        let f = Fixture::new();
+        // 20:5:hello,3:s@x,3:r@y,, cut everywhere: where the input ends decides WHERE.
         let input = request(b"hello", b"s@x", &[b"r@y"]);
-        for cut in 0..input.len() {
+        assert_eq!(input.len(), 24);
+        for cut in 1..input.len() {
+            let at = match cut {
+                1..=2 => "receiving QMQP packet header",
+                3..=10 => "receiving message content",
+                11..=16 => "receiving sender address",
+                _ => "receiving recipient address",
+            };
             let (outcome, reply, _) = f.serve(&input[..cut], true);
-            assert!(reply.is_empty(), "cut {cut}: {reply}");
-            assert!(
-                matches!(outcome.end, End::Lost { timeout: false, .. }),
-                "cut {cut}"
+            let want = format!("Dnetstring format error while {at}");
+            assert_eq!(
+                reply,
+                format!("{}:{want},", want.len()),
+                "cut after {cut} bytes"
             );
+            assert!(!outcome.request_read, "cut {cut}");
         }
         assert_eq!((f.files("new"), f.files("tmp")), (0, 0));
+    }
+
+    #[test]
+    fn serve_answers_denied_client_that_ends_early() {
+        let f = Fixture::new();
+        let input = request(b"hello", b"s@x", &[b"r@y"]);
+        for cut in [0, 1, 5, 20] {
+            let (outcome, reply, _) = f.serve(&input[..cut], false);
+            assert_eq!(
+                reply, "64:DError: unknown[192.0.2.1] is not authorized to use this service,",
+                "cut after {cut} bytes"
+            );
+            assert!(!outcome.request_read);
+        }
+        assert_eq!((f.files("new"), f.files("tmp")), (0, 0));
+    }
+
+    #[test]
+    fn serve_format_error_wins_over_earlier_address_error() {
+        let f = Fixture::new();
+        // A recipient with a newline, then bytes that are not a netstring (Postfix reports the
+        // format error: it stops reading there, and checks addresses only afterwards).
+        let mut body = netstring::encode(b"x");
+        body.extend(netstring::encode(b"s@x"));
+        body.extend(netstring::encode(b"r\n@y"));
+        body.extend_from_slice(b"3;r@z,");
+        let input = netstring::encode(&body);
+        let (_, reply, _) = f.serve(&input, true);
+        assert_eq!(
+            reply,
+            "57:Dnetstring format error while receiving recipient address,"
+        );
+        // A too-long recipient (a size error where it is read) wins the same way.
+        let mut f = Fixture::new();
+        f.params.line_length_limit = 10;
+        let mut body = netstring::encode(b"x");
+        body.extend(netstring::encode(b"bad\nsender"));
+        body.extend(netstring::encode(b"a-very-long@recipient"));
+        let input = netstring::encode(&body);
+        let (_, reply, _) = f.serve(&input, true);
+        assert_eq!(
+            reply,
+            "73:Dnetstring length exceeds storage limit while receiving recipient address,"
+        );
+        // The access verdict and the size limit are decided before anything is read.
+        let (_, reply, _) = f.serve(&input, false);
+        assert!(reply.contains("is not authorized"), "{reply}");
     }
 
     /// Gives its bytes, then times out (a client that stops sending).
