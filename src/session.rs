@@ -297,16 +297,30 @@ impl<'a> Session<'a> {
     }
 
     /// Reads an inner netstring's `LEN:`, charged to the budget, and checks that the payload
-    /// and its `,` fit in what is left.
+    /// and its `,` fit in what is left. A length that does not fit is, in Postfix's words, a
+    /// storage limit when it is also over the field's own limit (or beyond 64 bits), else a
+    /// format error.
     fn read_field_len<R: BufRead>(&mut self, rdr: &mut R, at: Where) -> Result<u64, Stop> {
         let len = netstring::read_len(rdr, Some(&mut self.budget))
-            .map_err(|e| stop(e, at, Rejection::Format(at)))?;
+            .map_err(|e| stop(e, at, Rejection::FieldTooLong(at)))?;
         match len.checked_add(1) {
             Some(total) if total <= self.budget => {
                 self.budget -= total;
                 Ok(len)
             }
-            _ => Err(Stop::ReplyNow(Rejection::Format(at))),
+            _ => {
+                let params = self.t.params;
+                let limit = match at {
+                    Where::Message if params.message_size_limit > 0 => params.message_size_limit,
+                    Where::Message => u64::MAX,
+                    _ => params.line_length_limit,
+                };
+                Err(Stop::ReplyNow(if len > limit {
+                    Rejection::FieldTooLong(at)
+                } else {
+                    Rejection::Format(at)
+                }))
+            }
         }
     }
 
@@ -480,17 +494,14 @@ impl<'a> Session<'a> {
 }
 
 /// Maps a codec error at `at` to a stop: connection problems end the transaction, format
-/// errors reply at once (`overflow` is what an over-long length means at this stage).
+/// errors reply at once (`overflow` is what a length beyond 64 bits means at this stage).
 fn stop(e: NetstringError, at: Where, overflow: Rejection) -> Stop {
     match e {
         NetstringError::Lost(e) if e.kind() == io::ErrorKind::UnexpectedEof => Stop::Ended { at },
         NetstringError::Lost(_) => Stop::Lost { at, timeout: false },
         NetstringError::Timeout => Stop::Lost { at, timeout: true },
         NetstringError::Format => Stop::ReplyNow(Rejection::Format(at)),
-        NetstringError::Overflow => Stop::ReplyNow(match at {
-            Where::Header => overflow,
-            _ => Rejection::Format(at),
-        }),
+        NetstringError::Overflow => Stop::ReplyNow(overflow),
     }
 }
 
@@ -767,6 +778,29 @@ mod tests {
         let input = request(b"x", b"bad\nsender", &[b""]);
         let (_, reply, _) = f.serve(&input, true);
         assert_eq!(reply, "33:DError: bad sender address syntax,");
+    }
+
+    #[test]
+    fn serve_reports_over_long_lengths_as_postfix_does() {
+        let f = Fixture::new();
+        let wrapped = |parts: &[&[u8]]| netstring::encode(&parts.concat());
+        let storage = |at: &str| {
+            let text = format!("Dnetstring length exceeds storage limit while receiving {at}");
+            format!("{}:{text},", text.len())
+        };
+        // A length beyond 64 bits, and one beyond both the request and the field's limit.
+        let input = wrapped(&[b"99999999999999999999:x,", b"1:s,", b"1:r,"]);
+        assert_eq!(f.serve(&input, true).1, storage("message content"));
+        let input = wrapped(&[b"1:x,", b"99999:s,", b"1:r,"]);
+        assert_eq!(f.serve(&input, true).1, storage("sender address"));
+        let input = wrapped(&[b"1:x,", b"1:s,", b"99999999999999999999:r,"]);
+        assert_eq!(f.serve(&input, true).1, storage("recipient address"));
+        // Beyond the request but within the limit: the lengths disagree, a format error.
+        let input = wrapped(&[b"1:x,", b"1:s,", b"2:r,"]);
+        assert_eq!(
+            f.serve(&input, true).1,
+            "57:Dnetstring format error while receiving recipient address,"
+        );
     }
 
     #[test]
