@@ -249,7 +249,7 @@ pub fn check_netstring(data: &[u8]) -> &'static str {
     "reply"
 }
 
-/// The replies §5 of DESIGN.md allows, without their status letter.
+/// The documented replies (qmqpd(8), DIAGNOSTICS), without their status letter.
 const CHECK_REPLY_TEXTS: [&str; 11] = [
     "Ok: queued as ",
     "Error: message too large",
@@ -700,7 +700,7 @@ fn check_confine_files(text: &str, file: &str) -> String {
 /// `data` up to the first NUL is the value of `qmqpd_authorized_clients`; the rest is the
 /// content of the one pattern file every `/file` token names. Invariants: no panic; an
 /// error has a message; a parsed list matches nothing when nothing is known of the client,
-/// gives the same verdict for an IPv4 address and its IPv4-mapped IPv6 form (DESIGN §4: it
+/// gives the same verdict for an IPv4 address and its IPv4-mapped IPv6 form (so that it
 /// can neither bypass nor miss a rule) and for a name in any case, ignores names when it has
 /// no name pattern, and when its first pattern is a plain address, matches that address (or,
 /// negated, refuses it): the first match decides.

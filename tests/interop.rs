@@ -1,4 +1,4 @@
-//! Real QMQP clients written elsewhere against qmqpd (DESIGN.md §12): Postfix's qmqp-source,
+//! Real QMQP clients written elsewhere against qmqpd: Postfix's qmqp-source,
 //! nullmailer's qmqp module, and our own qmqpc's exit codes. A test whose tool is missing is
 //! skipped with the reason, or fails under QMQPD_REQUIRE_INTEROP=1.
 

@@ -1,4 +1,4 @@
-//! qmqpd under the real launchers its users run (issue 3, DESIGN.md §2 and §12):
+//! qmqpd under the real launchers its users run (issue 3):
 //! `systemd-socket-activate` (`-a --inetd`, `-a --fdname=connection`, and listener mode with
 //! `max_use`, `max_idle`, two sockets, sd_notify and SIGTERM), ucspi-tcp's `tcpserver` (with
 //! `tcprules`), `xinetd` with a generated copy of `xinetd/qmqpd`, `--listen`, and the switch
@@ -1074,7 +1074,7 @@ fn missing_mail_owner_gets_z_and_exit_78_under_a_launcher() {
 
 #[test]
 fn configuration_error_z_reply_ends_without_a_reset() {
-    // DESIGN.md §5: after replying, qmqpd closes without leaving unread input that makes the
+    // After replying, qmqpd closes without leaving unread input that makes the
     // kernel reset the connection (a reset can destroy a reply still in flight).
     let q = TestQueue::new();
     let missing = q.dir.path().join("no-such-config-dir");
@@ -1130,7 +1130,7 @@ fn socket_activate_datagram_socket_is_refused_as_a_configuration_error() {
 #[test]
 fn socket_activate_unix_listener_serves_local_clients_as_localhost() {
     // ListenStream=/run/qmqpd/qmqp.sock with Accept=no: a UNIX-domain listening socket; its
-    // clients are this host (DESIGN.md §3), logged as localhost[127.0.0.1].
+    // clients are this host, logged as localhost[127.0.0.1].
     let q = TestQueue::new();
     let Some(tool) = require_tool("systemd-socket-activate") else {
         return;

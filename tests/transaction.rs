@@ -1,5 +1,5 @@
 //! The built qmqpd, one transaction at a time, in stdin mode (as inetd, xinetd and tcpserver
-//! run it): every row of DESIGN.md §5's table, the queue file it leaves, the log lines, the
+//! run it): every reply of qmqpd(8)'s DIAGNOSTICS, the queue file it leaves, the log lines, the
 //! timeouts and the exit status.
 
 mod common;

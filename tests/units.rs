@@ -2,7 +2,7 @@
 //! must be silent on copies whose `ExecStart=` runs the built qmqpd, `systemd-analyze
 //! security` must rate both services at an exposure of 2.0 or better, the sysusers.d and
 //! tmpfiles.d snippets must create the user and the queue, and the settings that keep the
-//! client connection clean (DESIGN.md §2) must be there. A missing systemd tool skips a
+//! client connection clean (nothing but the reply on it) must be there. A missing systemd tool skips a
 //! test with the reason, or fails it under QMQPD_REQUIRE_INTEROP=1.
 
 mod common;
@@ -162,7 +162,7 @@ fn services_pass_systemd_analyze_security_at_exposure_2() {
 #[test]
 fn per_connection_service_keeps_stderr_off_the_connection() {
     // Accept=yes + StandardInput=socket makes stdout the connection, and stderr too unless
-    // StandardError= says otherwise (DESIGN.md §2).
+    // StandardError= says otherwise: logs must never reach the client.
     assert_eq!(value("qmqpd.socket", "Accept"), "yes");
     assert_eq!(value("qmqpd@.service", "StandardInput"), "socket");
     assert_eq!(value("qmqpd@.service", "StandardOutput"), "socket");

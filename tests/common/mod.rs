@@ -164,7 +164,7 @@ pub fn split_netstrings(mut bytes: &[u8]) -> Vec<Vec<u8>> {
     parts
 }
 
-/// A queue file split into its parts (DESIGN.md §7.3).
+/// A queue file split into its parts (docs/queue-format.md).
 #[derive(Debug)]
 pub struct QueueFile {
     /// The attributes netstring, "qmqpd-queue 1\n" then name=value lines.
