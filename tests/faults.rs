@@ -1,7 +1,7 @@
 //! Faults under the queue and the process: a full disk, a queue qmqpd may not write, `tmp/`
 //! and `new/` on different filesystems, SIGKILL in the middle of transfers and between the
 //! rename into `new/` and the reply, and clients that vanish at every byte of a request over
-//! TCP. Each promise of DESIGN.md §7.2 is checked from the outside: `K` only for a message
+//! TCP. Each durability promise is checked from the outside: `K` only for a message
 //! durably in `new/`, `Z` (exit 75) for a local failure, never a partial file in `new/`, and
 //! `tmp/` leftovers of a crash removed by a later run. docs/reliability.md has the table.
 
