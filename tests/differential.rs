@@ -161,6 +161,9 @@ const CR_LF: &str = "DEV-NO-CLEANUP-CR";
 const NEWLINE: &str = "DEV-NO-CLEANUP-NEWLINE";
 const NUL_HEADER: &str = "DEV-NO-CLEANUP-NUL";
 const TRUNCATED: &str = "DEV-TRUNCATED-REPLY";
+const PRECEDENCE: &str = "DEV-PRECEDENCE";
+const LONG_LINES: &str = "DEV-LONG-LINES";
+const MAILBOX_LINES: &str = "DEV-MAILBOX-LINES";
 
 /// The table: every request and its documented differences.
 fn cases() -> Vec<Case> {
@@ -363,6 +366,44 @@ fn cases() -> Vec<Case> {
         &[],
     );
     c.add("quotes only", req(b">>> quoted\n\nb\n", S, &[R1]), &[]);
+    c.add(
+        "long From_ line",
+        req(
+            &[b"From ".as_slice(), &[b'f'; 3000], b"\nSubject: x\n\nb\n"].concat(),
+            S,
+            &[R1],
+        ),
+        &[],
+    );
+    c.add(
+        "long From_ line, space at the split",
+        req(
+            &[
+                b"From ".as_slice(),
+                &[b'f'; 2043],
+                b" tail\nSubject: x\n\nb\n",
+            ]
+            .concat(),
+            S,
+            &[R1],
+        ),
+        &[(Content, LONG_LINES)],
+    );
+    c.add(
+        "From_ lines past 64 KiB",
+        req(
+            &[
+                b"From someone@example.org Mon Jan  1 00:00:00 2026\n"
+                    .repeat(1400)
+                    .as_slice(),
+                &hops(3, "Received"),
+            ]
+            .concat(),
+            S,
+            &[R1],
+        ),
+        &[(Content, MAILBOX_LINES)],
+    );
     c.add("From: header", req(b"From: a@b\n\nb\n", S, &[R1]), &[]);
 
     // Hop counts (hopcount_limit 50, the servers' own Received: included).
@@ -542,6 +583,11 @@ fn cases() -> Vec<Case> {
         "message 100001",
         req(&sized(100_001), S, &[R1]),
         &[(Text, SIZE_REPLY)],
+    );
+    c.add(
+        "too large, then malformed",
+        wrap(&[&ns(&sized(99_990)), b"x:", &ns(R1)]),
+        &[(Text, PRECEDENCE)],
     );
     c.add(
         "message 150000",
@@ -1020,14 +1066,16 @@ fn compare(ours: &Seen, theirs: &Seen) -> BTreeSet<Diff> {
 
 /// Lossy, escaped, shortened bytes for the report.
 fn show(bytes: &[u8]) -> String {
-    let s = String::from_utf8_lossy(&bytes[..bytes.len().min(300)])
-        .escape_debug()
-        .to_string();
-    if bytes.len() > 300 {
-        format!("{s}... ({} bytes)", bytes.len())
-    } else {
-        s
+    let text = |b: &[u8]| String::from_utf8_lossy(b).escape_debug().to_string();
+    if bytes.len() <= 400 {
+        return text(bytes);
     }
+    format!(
+        "{} ... {} ({} bytes)",
+        text(&bytes[..300]),
+        text(&bytes[bytes.len() - 100..]),
+        bytes.len()
+    )
 }
 
 fn describe(r: &Seen) -> String {
