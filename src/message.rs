@@ -1,6 +1,6 @@
 //! What qmqpd adds to and notices in a message while its bytes stream past: our Received:
-//! header, the `From ` line turned into `X-Mailbox-Line:`, an empty line before content that
-//! starts with white space, the Received: hop count and the Message-ID of the primary header
+//! header, leading `From ` lines turned into `X-Mailbox-Line:`, an empty line before content
+//! that starts with white space, the Received: hop count and the Message-ID of the primary header
 //! block. Memory stays constant whatever the message size. Owns no I/O but the `Write` it is
 //! given; where the bytes come from and go to is `session`'s business.
 
@@ -13,6 +13,8 @@ use crate::netstring;
 const MESSAGE_ID_MAX: usize = 512;
 const MAILBOX_LINE: &[u8] = b"X-Mailbox-Line: ";
 const FROM_: &[u8] = b"From ";
+/// The most output held back while leading From_ lines are counted (memory stays bounded).
+const MAILBOX_LINES_MAX: usize = 64 * 1024;
 
 /// What our Received: header says.
 pub struct Origin<'a> {
@@ -55,19 +57,32 @@ fn header_safe(s: &str) -> String {
         .collect()
 }
 
-/// How the first bytes of the content are being classified.
+/// How the leading lines of the content are being classified.
+#[derive(Clone, Copy)]
 enum Start {
-    /// Counting leading `>`; `matched` bytes of "From " seen after them.
-    Pending { quotes: u64, matched: usize },
-    /// Decided and emitted; the rest passes through.
+    /// At a leading line: counting its `>`s; `matched` bytes of "From " seen after them.
+    Line { quotes: u64, matched: usize },
+    /// In the rest of a leading From_ line, up to its newline; `converted` unless the
+    /// held-back output overflowed (see `Rewriter::hold`).
+    FromLine { converted: bool },
+    /// Past the leading From_ lines: the rest passes through.
     Done,
 }
 
 /// Streams one message into a netstring: `LEN:` + Received: + rewritten content + `,`.
+///
+/// Every leading `From ` line (after any `>`s) becomes an `X-Mailbox-Line:` header, as in
+/// Postfix, so that the real header block after them stays a header block (and its Received:
+/// lines are counted). Each such line makes the message longer, so the output is held back
+/// until the first other line shows how many there are: at most `MAILBOX_LINES_MAX` bytes.
 pub struct Rewriter {
     received: Vec<u8>,
     content_len: u64,
     start: Start,
+    /// Leading From_ lines turned into X-Mailbox-Line: headers so far.
+    mailbox_lines: u64,
+    /// Output held back until the netstring length is known; None once `LEN:` is written.
+    held: Option<Vec<u8>>,
     headers: HeaderScan,
 }
 
@@ -77,10 +92,12 @@ impl Rewriter {
         Rewriter {
             received,
             content_len,
-            start: Start::Pending {
+            start: Start::Line {
                 quotes: 0,
                 matched: 0,
             },
+            mailbox_lines: 0,
+            held: Some(Vec::new()),
             headers: HeaderScan::new(),
         }
     }
@@ -97,63 +114,137 @@ impl Rewriter {
 
     /// Feeds the next content bytes.
     pub fn push<W: Write>(&mut self, mut chunk: &[u8], out: &mut W) -> io::Result<()> {
-        while let Start::Pending { quotes, matched } = &mut self.start {
-            let Some(&byte) = chunk.first() else {
-                return Ok(());
-            };
-            if *quotes == 0 && *matched == 0 && (byte == b' ' || byte == b'\t') {
-                self.decide(b"\n", out)?;
-                break;
-            }
-            if *matched == 0 && byte == b'>' {
-                *quotes += 1;
-            } else if FROM_.get(*matched) == Some(&byte) {
-                *matched += 1;
-                if *matched == FROM_.len() {
-                    chunk = &chunk[1..];
-                    self.decide(MAILBOX_LINE, out)?;
-                    break;
+        loop {
+            match self.start {
+                Start::Done => return self.write(chunk, true, out),
+                Start::FromLine { converted } => {
+                    let Some(end) = chunk.iter().position(|&b| b == b'\n') else {
+                        return self.write(chunk, converted, out);
+                    };
+                    let (line, rest) = chunk.split_at(end + 1);
+                    self.write(line, converted, out)?;
+                    chunk = rest;
+                    self.start = Start::Line {
+                        quotes: 0,
+                        matched: 0,
+                    };
                 }
-            } else {
-                self.decide(b"", out)?;
-                break;
+                Start::Line { quotes, matched } => {
+                    let Some(&byte) = chunk.first() else {
+                        return Ok(());
+                    };
+                    if quotes == 0 && matched == 0 && (byte == b' ' || byte == b'\t') {
+                        // Leading white space would continue the header above it.
+                        self.end_leading_lines(b"\n", out)?;
+                        continue;
+                    }
+                    if matched == 0 && byte == b'>' {
+                        self.start = Start::Line {
+                            quotes: quotes.saturating_add(1),
+                            matched,
+                        };
+                    } else if FROM_.get(matched) == Some(&byte) {
+                        self.start = Start::Line {
+                            quotes,
+                            matched: matched + 1,
+                        };
+                        if matched + 1 == FROM_.len() {
+                            self.start_mailbox_line(quotes, out)?;
+                        }
+                    } else {
+                        // Not a From_ line: give back what was held of it, byte included.
+                        self.end_leading_lines(b"", out)?;
+                        self.write_quotes(quotes, true, out)?;
+                        self.write(&FROM_[..matched], true, out)?;
+                        continue;
+                    }
+                    chunk = &chunk[1..];
+                }
             }
-            chunk = &chunk[1..];
         }
-        self.emit(chunk, out)
     }
 
     /// Ends the message: flushes anything pending and writes the closing `,`.
     pub fn finish<W: Write>(&mut self, out: &mut W) -> io::Result<()> {
-        if matches!(self.start, Start::Pending { .. }) {
-            self.decide(b"", out)?;
+        if let Start::Line { quotes, matched } = self.start {
+            self.end_leading_lines(b"", out)?;
+            self.write_quotes(quotes, true, out)?;
+            self.write(&FROM_[..matched], true, out)?;
         }
+        self.release(b"", out)?;
         out.write_all(b",")
     }
 
-    /// Writes the netstring length, our header, `prefix` and the held-back bytes.
-    fn decide<W: Write>(&mut self, prefix: &[u8], out: &mut W) -> io::Result<()> {
-        let (quotes, matched) = match self.start {
-            Start::Pending { quotes, matched } => (quotes, matched),
-            Start::Done => return Ok(()),
-        };
+    /// A leading line turned out to be a From_ line: writes its start, converted when the
+    /// netstring length is still open.
+    fn start_mailbox_line<W: Write>(&mut self, quotes: u64, out: &mut W) -> io::Result<()> {
+        let converted = self.held.is_some();
+        if converted {
+            self.mailbox_lines += 1;
+            self.write(MAILBOX_LINE, true, out)?;
+        }
+        self.write_quotes(quotes, converted, out)?;
+        self.write(FROM_, converted, out)?;
+        self.start = Start::FromLine { converted };
+        Ok(())
+    }
+
+    /// The first line that is not a From_ line: the leading lines are over.
+    fn end_leading_lines<W: Write>(&mut self, prefix: &[u8], out: &mut W) -> io::Result<()> {
         self.start = Start::Done;
-        let total = (self.received.len() as u64)
-            .checked_add(prefix.len() as u64)
+        self.release(prefix, out)
+    }
+
+    /// Writes the netstring length, our header, `prefix` and the held-back output, once.
+    /// After an overflow the length is already written and `prefix` cannot be added.
+    fn release<W: Write>(&mut self, prefix: &[u8], out: &mut W) -> io::Result<()> {
+        let Some(held) = self.held.take() else {
+            return Ok(());
+        };
+        let added = self
+            .mailbox_lines
+            .checked_mul(MAILBOX_LINE.len() as u64)
+            .and_then(|n| n.checked_add(self.received.len() as u64))
+            .and_then(|n| n.checked_add(prefix.len() as u64));
+        let total = added
             .and_then(|n| n.checked_add(self.content_len))
             .ok_or_else(|| io::Error::other("message length overflow"))?;
         netstring::write_len(out, total)?;
         let received = std::mem::take(&mut self.received);
         self.emit(&received, out)?;
-        self.emit(prefix, out)?;
+        self.emit(&held, out)?;
+        self.emit(prefix, out)
+    }
+
+    /// Writes `count` `>`s.
+    fn write_quotes<W: Write>(&mut self, count: u64, scan: bool, out: &mut W) -> io::Result<()> {
         const QUOTES: [u8; 64] = [b'>'; 64];
-        let mut left = quotes;
+        let mut left = count;
         while left > 0 {
             let n = left.min(QUOTES.len() as u64);
-            self.emit(&QUOTES[..n as usize], out)?;
+            self.write(&QUOTES[..n as usize], scan, out)?;
             left -= n;
         }
-        self.emit(&FROM_[..matched], out)
+        Ok(())
+    }
+
+    /// Output: held back while the length is open, else scanned (unless `scan` is false: the
+    /// raw From_ lines after an overflow, which must not end the header block) and written.
+    fn write<W: Write>(&mut self, bytes: &[u8], scan: bool, out: &mut W) -> io::Result<()> {
+        if let Some(held) = &mut self.held {
+            if held.len().saturating_add(bytes.len()) <= MAILBOX_LINES_MAX {
+                held.extend_from_slice(bytes);
+                return Ok(());
+            }
+            // Absurdly many leading From_ lines: fix the length as it stands; later ones are
+            // kept as they are, and the header scan skips them.
+            self.release(b"", out)?;
+        }
+        if scan {
+            self.emit(bytes, out)
+        } else {
+            out.write_all(bytes)
+        }
     }
 
     fn emit<W: Write>(&mut self, bytes: &[u8], out: &mut W) -> io::Result<()> {
@@ -330,6 +421,48 @@ mod tests {
                 b"Received: x\nX-Mailbox-Line: >>From a@b\n\nb\n"
             );
         }
+    }
+
+    #[test]
+    fn rewriter_turns_every_leading_from_line_into_mailbox_line() {
+        let msg = b"From a@b Mon\n>From c@d Tue\nReceived: r\nSubject: x\n\nFrom body\n";
+        for chunk in [1, 2, 5, 1000] {
+            let (out, hops, _) = rewrite(msg, chunk);
+            assert_eq!(
+                body_of(&out),
+                b"Received: x\nX-Mailbox-Line: From a@b Mon\nX-Mailbox-Line: >From c@d Tue\n\
+                  Received: r\nSubject: x\n\nFrom body\n"
+            );
+            assert_eq!(hops, 2, "the Received: after the From_ lines is counted");
+        }
+        let (out, _, _) = rewrite(b"From a\n\tindented\n", 3);
+        assert_eq!(
+            body_of(&out),
+            b"Received: x\nX-Mailbox-Line: From a\n\n\tindented\n",
+            "white space after the From_ lines still gets its empty line"
+        );
+        let (out, _, _) = rewrite(b"From a\nFrom b", 1);
+        assert_eq!(
+            body_of(&out),
+            b"Received: x\nX-Mailbox-Line: From a\nX-Mailbox-Line: From b"
+        );
+    }
+
+    #[test]
+    fn rewriter_bounds_held_back_from_lines_and_still_counts_hops() {
+        let mut msg = Vec::new();
+        while msg.len() <= MAILBOX_LINES_MAX {
+            msg.extend_from_slice(b"From someone@example.org Mon Jan  1 00:00:00 2026\n");
+        }
+        msg.extend_from_slice(b"Received: a\nReceived: b\n\nbody\n");
+        let (out, hops, _) = rewrite(&msg, 4096);
+        let body = body_of(&out);
+        assert!(body.starts_with(b"Received: x\nX-Mailbox-Line: From someone"));
+        assert!(body.ends_with(b"\nReceived: a\nReceived: b\n\nbody\n"));
+        assert_eq!(
+            hops, 3,
+            "the raw From_ lines past the bound do not end the headers"
+        );
     }
 
     #[test]

@@ -82,6 +82,9 @@ enum Stop {
         timeout: bool,
         cut_off: Option<String>,
     },
+    /// The client shut down its sending side (end of input) before the end of its request;
+    /// it may still read a reply.
+    Ended { at: Where },
     /// Reply now without reading further (unparseable or undrainably large request).
     ReplyNow(Rejection),
 }
@@ -121,6 +124,25 @@ pub fn serve<R: Read, W: Write>(rdr: &mut R, wtr: &mut W, t: &Transaction<'_>) -
             }
             s.finish()
         }
+        Some(Stop::Ended { at }) => {
+            // Answered as Postfix answers it: a truncated request is a format error, a
+            // denied client hears so. Only a client that sent nothing at all gets no reply.
+            if s.started {
+                s.reject(Rejection::Format(at));
+            }
+            if s.rejection.is_none() {
+                log::info!(
+                    "{}: {}: lost connection while {at}",
+                    s.log_id(),
+                    t.client.namaddr()
+                );
+                return Outcome {
+                    end: End::Lost { at, timeout: false },
+                    request_read,
+                };
+            }
+            s.finish()
+        }
         Some(Stop::ReplyNow(why)) => {
             s.reject(why);
             s.finish()
@@ -144,6 +166,8 @@ struct Session<'a> {
     message_len: u64,
     message_id: Option<String>,
     field: Vec<u8>,
+    /// True once the first byte of the request arrived.
+    started: bool,
 }
 
 impl<'a> Session<'a> {
@@ -159,6 +183,7 @@ impl<'a> Session<'a> {
             message_len: 0,
             message_id: None,
             field: Vec::new(),
+            started: false,
         }
     }
 
@@ -166,10 +191,18 @@ impl<'a> Session<'a> {
         self.queue_id.as_deref().unwrap_or("NOQUEUE")
     }
 
-    /// Records the first rejection; later ones do not change the reply. The queue file goes
-    /// (removing itself from `tmp/`), so from here on `file` is None and bytes are discarded.
+    /// Records a rejection; the queue file goes (removing itself from `tmp/`), so from here
+    /// on `file` is None and bytes are discarded. Which one the client hears follows
+    /// Postfix: the access verdict and the size limit are decided before anything is read,
+    /// and the first malformed or over-long netstring ends Postfix's reading, so it wins over
+    /// what is found in the fields (addresses, hops, VERP), which Postfix checks only after
+    /// the whole request; among the rest, the first one found.
     fn reject(&mut self, why: Rejection) {
-        if self.rejection.is_none() {
+        let replaces = match &self.rejection {
+            None => true,
+            Some(old) => is_stream_error(&why) && !decided_first(old),
+        };
+        if replaces {
             self.rejection = Some(why);
         }
         self.file = None;
@@ -196,7 +229,10 @@ impl<'a> Session<'a> {
             self.reject(Rejection::NotAuthorized(self.t.client.namaddr()));
         }
         // Unbuffered, one byte a read, so nothing after the `:` is taken.
-        let len = netstring::read_len(&mut BufReader::with_capacity(1, &mut *rdr), None)
+        let mut header = BufReader::with_capacity(1, &mut *rdr);
+        netstring::fill(&mut header).map_err(|e| stop(e, Where::Header, Rejection::TooLarge))?;
+        self.started = true;
+        let len = netstring::read_len(&mut header, None)
             .map_err(|e| stop(e, Where::Header, Rejection::TooLarge))?;
         if params.size_limit().is_some_and(|limit| len > limit) {
             self.reject(Rejection::TooLarge);
@@ -276,16 +312,30 @@ impl<'a> Session<'a> {
     }
 
     /// Reads an inner netstring's `LEN:`, charged to the budget, and checks that the payload
-    /// and its `,` fit in what is left.
+    /// and its `,` fit in what is left. A length that does not fit is, in Postfix's words, a
+    /// storage limit when it is also over the field's own limit (or beyond 64 bits), else a
+    /// format error.
     fn read_field_len<R: BufRead>(&mut self, rdr: &mut R, at: Where) -> Result<u64, Stop> {
         let len = netstring::read_len(rdr, Some(&mut self.budget))
-            .map_err(|e| stop(e, at, Rejection::Format(at)))?;
+            .map_err(|e| stop(e, at, Rejection::FieldTooLong(at)))?;
         match len.checked_add(1) {
             Some(total) if total <= self.budget => {
                 self.budget -= total;
                 Ok(len)
             }
-            _ => Err(Stop::ReplyNow(Rejection::Format(at))),
+            _ => {
+                let params = self.t.params;
+                let limit = match at {
+                    Where::Message if params.message_size_limit > 0 => params.message_size_limit,
+                    Where::Message => u64::MAX,
+                    _ => params.line_length_limit,
+                };
+                Err(Stop::ReplyNow(if len > limit {
+                    Rejection::FieldTooLong(at)
+                } else {
+                    Rejection::Format(at)
+                }))
+            }
         }
     }
 
@@ -459,9 +509,10 @@ impl<'a> Session<'a> {
 }
 
 /// Maps a codec error at `at` to a stop: connection problems end the transaction, format
-/// errors reply at once (`overflow` is what an over-long length means at this stage).
+/// errors reply at once (`overflow` is what a length beyond 64 bits means at this stage).
 fn stop(e: NetstringError, at: Where, overflow: Rejection) -> Stop {
     match e {
+        NetstringError::Lost(e) if e.kind() == io::ErrorKind::UnexpectedEof => Stop::Ended { at },
         NetstringError::Lost(e) => Stop::Lost {
             at,
             timeout: false,
@@ -476,11 +527,19 @@ fn stop(e: NetstringError, at: Where, overflow: Rejection) -> Stop {
             cut_off: None,
         },
         NetstringError::Format => Stop::ReplyNow(Rejection::Format(at)),
-        NetstringError::Overflow => Stop::ReplyNow(match at {
-            Where::Header => overflow,
-            _ => Rejection::Format(at),
-        }),
+        NetstringError::Overflow => Stop::ReplyNow(overflow),
     }
+}
+
+/// A malformed or over-long netstring: where Postfix stops reading and replies.
+fn is_stream_error(why: &Rejection) -> bool {
+    matches!(why, Rejection::Format(_) | Rejection::FieldTooLong(_))
+}
+
+/// Rejections that no later finding overrides: the access verdict and the size limit (known
+/// before the request is read), and the first stream error.
+fn decided_first(why: &Rejection) -> bool {
+    is_stream_error(why) || matches!(why, Rejection::NotAuthorized(_) | Rejection::TooLarge)
 }
 
 /// Unix seconds and microseconds, as the attributes block writes arrival_time.
@@ -598,18 +657,84 @@ mod tests {
     }
 
     #[test]
-    fn serve_lost_connection_leaves_nothing() {
+    fn serve_silent_client_gets_no_reply() {
         let f = Fixture::new();
+        let (outcome, reply, _) = f.serve(b"", true);
+        assert!(reply.is_empty(), "{reply}");
+        assert!(matches!(outcome.end, End::Lost { timeout: false, .. }));
+        assert_eq!((f.files("new"), f.files("tmp")), (0, 0));
+    }
+
+    #[test]
+    fn serve_answers_truncated_request_with_format_error() {
+        let f = Fixture::new();
+        // 20:5:hello,3:s@x,3:r@y,, cut everywhere: where the input ends decides WHERE.
         let input = request(b"hello", b"s@x", &[b"r@y"]);
-        for cut in 0..input.len() {
+        assert_eq!(input.len(), 24);
+        for cut in 1..input.len() {
+            let at = match cut {
+                1..=2 => "receiving QMQP packet header",
+                3..=10 => "receiving message content",
+                11..=16 => "receiving sender address",
+                _ => "receiving recipient address",
+            };
             let (outcome, reply, _) = f.serve(&input[..cut], true);
-            assert!(reply.is_empty(), "cut {cut}: {reply}");
-            assert!(
-                matches!(outcome.end, End::Lost { timeout: false, .. }),
-                "cut {cut}"
+            let want = format!("Dnetstring format error while {at}");
+            assert_eq!(
+                reply,
+                format!("{}:{want},", want.len()),
+                "cut after {cut} bytes"
             );
+            assert!(!outcome.request_read, "cut {cut}");
         }
         assert_eq!((f.files("new"), f.files("tmp")), (0, 0));
+    }
+
+    #[test]
+    fn serve_answers_denied_client_that_ends_early() {
+        let f = Fixture::new();
+        let input = request(b"hello", b"s@x", &[b"r@y"]);
+        for cut in [0, 1, 5, 20] {
+            let (outcome, reply, _) = f.serve(&input[..cut], false);
+            assert_eq!(
+                reply, "64:DError: unknown[192.0.2.1] is not authorized to use this service,",
+                "cut after {cut} bytes"
+            );
+            assert!(!outcome.request_read);
+        }
+        assert_eq!((f.files("new"), f.files("tmp")), (0, 0));
+    }
+
+    #[test]
+    fn serve_format_error_wins_over_earlier_address_error() {
+        let f = Fixture::new();
+        // A recipient with a newline, then bytes that are not a netstring (Postfix reports the
+        // format error: it stops reading there, and checks addresses only afterwards).
+        let mut body = netstring::encode(b"x");
+        body.extend(netstring::encode(b"s@x"));
+        body.extend(netstring::encode(b"r\n@y"));
+        body.extend_from_slice(b"3;r@z,");
+        let input = netstring::encode(&body);
+        let (_, reply, _) = f.serve(&input, true);
+        assert_eq!(
+            reply,
+            "57:Dnetstring format error while receiving recipient address,"
+        );
+        // A too-long recipient (a size error where it is read) wins the same way.
+        let mut f = Fixture::new();
+        f.params.line_length_limit = 10;
+        let mut body = netstring::encode(b"x");
+        body.extend(netstring::encode(b"bad\nsender"));
+        body.extend(netstring::encode(b"a-very-long@recipient"));
+        let input = netstring::encode(&body);
+        let (_, reply, _) = f.serve(&input, true);
+        assert_eq!(
+            reply,
+            "73:Dnetstring length exceeds storage limit while receiving recipient address,"
+        );
+        // The access verdict and the size limit are decided before anything is read.
+        let (_, reply, _) = f.serve(&input, false);
+        assert!(reply.contains("is not authorized"), "{reply}");
     }
 
     /// Gives its bytes, then times out (a client that stops sending).
@@ -663,6 +788,29 @@ mod tests {
         let input = request(b"x", b"bad\nsender", &[b""]);
         let (_, reply, _) = f.serve(&input, true);
         assert_eq!(reply, "33:DError: bad sender address syntax,");
+    }
+
+    #[test]
+    fn serve_reports_over_long_lengths_as_postfix_does() {
+        let f = Fixture::new();
+        let wrapped = |parts: &[&[u8]]| netstring::encode(&parts.concat());
+        let storage = |at: &str| {
+            let text = format!("Dnetstring length exceeds storage limit while receiving {at}");
+            format!("{}:{text},", text.len())
+        };
+        // A length beyond 64 bits, and one beyond both the request and the field's limit.
+        let input = wrapped(&[b"99999999999999999999:x,", b"1:s,", b"1:r,"]);
+        assert_eq!(f.serve(&input, true).1, storage("message content"));
+        let input = wrapped(&[b"1:x,", b"99999:s,", b"1:r,"]);
+        assert_eq!(f.serve(&input, true).1, storage("sender address"));
+        let input = wrapped(&[b"1:x,", b"1:s,", b"99999999999999999999:r,"]);
+        assert_eq!(f.serve(&input, true).1, storage("recipient address"));
+        // Beyond the request but within the limit: the lengths disagree, a format error.
+        let input = wrapped(&[b"1:x,", b"1:s,", b"2:r,"]);
+        assert_eq!(
+            f.serve(&input, true).1,
+            "57:Dnetstring format error while receiving recipient address,"
+        );
     }
 
     #[test]

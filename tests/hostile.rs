@@ -366,13 +366,14 @@ fn oversized_lengths_get_their_d_and_queue_nothing() {
         (b"18446744073709551616:", "DError: message too large"),
         (b"18446744073709551615:", "DError: message too large"),
         (b"1000000000000:5:hello,", "DError: message too large"),
+        // Inner lengths past the request and the field's limit: Postfix's storage-limit text.
         (
             b"20:99999999999999999999:x",
-            "Dnetstring format error while receiving message content",
+            "Dnetstring length exceeds storage limit while receiving message content",
         ),
         (
             b"20:5:hello,9999999999:",
-            "Dnetstring format error while receiving sender address",
+            "Dnetstring length exceeds storage limit while receiving sender address",
         ),
     ];
     for (bytes, want) in cases {

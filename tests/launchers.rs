@@ -1078,7 +1078,7 @@ fn socket_activate_datagram_socket_is_refused_as_a_configuration_error() {
 #[test]
 fn socket_activate_unix_listener_serves_local_clients_as_localhost() {
     // ListenStream=/run/qmqpd/qmqp.sock with Accept=no: a UNIX-domain listening socket; its
-    // clients are this host, as in Postfix, logged as localhost[127.0.0.1].
+    // clients are this host, logged as localhost[127.0.0.1].
     let q = TestQueue::new();
     let Some(tool) = require_tool("systemd-socket-activate") else {
         return;

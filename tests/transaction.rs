@@ -1,5 +1,5 @@
 //! The built qmqpd, one transaction at a time, in stdin mode (as inetd, xinetd and tcpserver
-//! run it): every check of a request and its reply, the queue file it leaves, the log lines, the
+//! run it): every reply of qmqpd(8)'s DIAGNOSTICS, the queue file it leaves, the log lines, the
 //! timeouts and the exit status.
 
 mod common;
@@ -598,18 +598,30 @@ fn stdin_daemon_timeout_ends_a_dribbling_client() {
 }
 
 #[test]
-fn stdin_lost_connection_at_every_offset_queues_nothing() {
+fn stdin_truncated_request_at_every_offset_queues_nothing() {
     let q = TestQueue::new();
     let req = request(
         b"Subject: x\n\nbody\n",
         b"s@example.org",
         &[b"r1@example.net", b"r2@example.net"],
     );
-    for cut in 0..req.len() {
+    let out = serve(&q, &[], b"");
+    assert!(
+        out.stdout.is_empty(),
+        "no reply to nothing: {}",
+        describe(&out)
+    );
+    assert!(
+        q.log_text()
+            .contains("lost connection while receiving QMQP packet header")
+    );
+    // Input that ends early is a request cut short by the client's shutdown of its sending
+    // side: answered as Postfix answers it, with a format error where it ends.
+    for cut in 1..req.len() {
         let out = serve(&q, &[], &req[..cut]);
         assert!(
-            out.stdout.is_empty(),
-            "no reply to a request cut at {cut}: {}",
+            reply(&out).starts_with("Dnetstring format error while receiving "),
+            "request cut at {cut}: {}",
             describe(&out)
         );
         assert_eq!(out.status.code(), Some(0), "cut at {cut}");
@@ -624,7 +636,7 @@ fn stdin_lost_connection_at_every_offset_queues_nothing() {
         "receiving recipient address",
     ] {
         assert!(
-            log.contains(&format!("lost connection while {at}")),
+            log.contains(&format!("netstring format error while {at}")),
             "{at}:\n{log}"
         );
     }

@@ -162,7 +162,7 @@ fn services_pass_systemd_analyze_security_at_exposure_2() {
 #[test]
 fn per_connection_service_keeps_stderr_off_the_connection() {
     // Accept=yes + StandardInput=socket makes stdout the connection, and stderr too unless
-    // StandardError= says otherwise; only the protocol reply may go to the client.
+    // StandardError= says otherwise: logs must never reach the client.
     assert_eq!(value("qmqpd.socket", "Accept"), "yes");
     assert_eq!(value("qmqpd@.service", "StandardInput"), "socket");
     assert_eq!(value("qmqpd@.service", "StandardOutput"), "socket");

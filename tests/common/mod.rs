@@ -6,6 +6,8 @@
 //! `QMQPD_REQUIRE_INTEROP=1` (as `.ci/run` sets).
 #![allow(dead_code)]
 
+pub mod postfix;
+
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
@@ -278,42 +280,66 @@ impl Server {
                     return None;
                 }
             };
-            let mut child = Command::new(qmqpd_bin())
-                .arg("--listen")
-                .arg(addr.to_string())
-                .args(q.args())
-                .args(extra)
-                .envs(env.iter().copied())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("cannot start qmqpd");
-            let ready = format!("listening on {addr}");
-            let deadline = Instant::now() + START_LIMIT;
-            loop {
-                if let Some(status) = child.try_wait().expect("cannot wait for qmqpd") {
-                    last_exit = Some(status);
-                    break;
-                }
-                // The log line, not a probe connection, so the server's log stays clean.
-                if q.log_text().contains(&ready) {
-                    return Some(Server { addr, child });
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!(
-                        "qmqpd did not listen on {addr} within {START_LIMIT:?}; log:\n{}",
-                        q.log_text()
-                    );
-                }
-                thread::sleep(POLL);
+            match Server::try_start_on(q, addr, extra, env) {
+                Ok(server) => return Some(server),
+                Err(status) => last_exit = Some(status),
             }
         }
         panic!(
             "qmqpd exited before listening, 5 times (last: {last_exit:?}); log:\n{}",
             q.log_text()
         );
+    }
+
+    /// Start `qmqpd --listen ADDR <q.args()> <extra>` on exactly `addr` (a port a peer
+    /// forces, such as QMQP's 628) and wait until it listens; panics when it exits first.
+    pub fn start_on(q: &TestQueue, addr: SocketAddr, extra: &[&str]) -> Server {
+        Server::try_start_on(q, addr, extra, &[]).unwrap_or_else(|status| {
+            panic!(
+                "qmqpd exited ({status}) before listening on {addr}; log:\n{}",
+                q.log_text()
+            )
+        })
+    }
+
+    /// Starts the server on `addr` and waits (at most 10 s, polling every 20 ms) until its
+    /// log says it listens; its exit status when it exits first.
+    fn try_start_on(
+        q: &TestQueue,
+        addr: SocketAddr,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Server, ExitStatus> {
+        let mut child = Command::new(qmqpd_bin())
+            .arg("--listen")
+            .arg(addr.to_string())
+            .args(q.args())
+            .args(extra)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("cannot start qmqpd");
+        let ready = format!("listening on {addr}");
+        let deadline = Instant::now() + START_LIMIT;
+        loop {
+            if let Some(status) = child.try_wait().expect("cannot wait for qmqpd") {
+                return Err(status);
+            }
+            // The log line, not a probe connection, so the server's log stays clean.
+            if q.log_text().contains(&ready) {
+                return Ok(Server { addr, child });
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "qmqpd did not listen on {addr} within {START_LIMIT:?}; log:\n{}",
+                    q.log_text()
+                );
+            }
+            thread::sleep(POLL);
+        }
     }
 
     /// The server's process ID (for /proc/PID/status and signals).
@@ -593,6 +619,16 @@ pub fn interop_tool(env_root: &str, rel: &str) -> Option<InteropTool> {
     skip_or_fail(&format!(
         "{why_root} and /{rel} is not installed (.ci/run fetches it)"
     ))
+}
+
+/// A tool built by a `.ci/setup` script, named by the environment variable `var` (such as
+/// QMQPD_QMAIL_QMQPC), with the same skip/fail rule as `interop_tool`.
+pub fn built_tool(var: &str) -> Option<PathBuf> {
+    match std::env::var_os(var).map(PathBuf::from) {
+        Some(path) if is_executable(&path) => Some(path),
+        Some(path) => skip_or_fail(&format!("{var}={} is not executable", path.display())),
+        None => skip_or_fail(&format!("{var} is not set (.ci/setup builds it)")),
+    }
 }
 
 /// A plain tool (tcpserver, xinetd, strace…) from PATH or the sbin directories, with the
