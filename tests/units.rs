@@ -185,11 +185,14 @@ fn listener_service_is_type_notify_on_an_accept_no_socket() {
     assert_eq!(value("qmqpd-listener.socket", "After"), "qmqpd.socket");
     assert!(values(&shipped("qmqpd.socket"), "Conflicts").is_empty());
     assert!(values(&shipped("qmqpd.socket"), "After").is_empty());
-    // Every max_use or max_idle exit is a start: no start limit (issue 15).
+    // Every max_use or max_idle exit is a start: no start limit; a failed start is retried
+    // after a pause instead of at once (issue 15).
     assert_eq!(
         value("qmqpd-listener.service", "StartLimitIntervalSec"),
         "0"
     );
+    assert_eq!(value("qmqpd-listener.service", "Restart"), "on-failure");
+    assert_eq!(value("qmqpd-listener.service", "RestartSec"), "5s");
 }
 
 #[test]
