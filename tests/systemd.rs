@@ -617,6 +617,14 @@ fn finish_paused_client(c: &Container, mut client: Child) -> String {
     out
 }
 
+/// Asserts the ActiveState of each unit.
+fn assert_states(c: &Container, expected: &[(&str, &str)]) {
+    for (unit, state) in expected {
+        let actual = c.property(unit, "ActiveState");
+        assert_eq!(&actual, state, "{unit} is {actual}\n{}", c.diagnostics());
+    }
+}
+
 /// Nothing listens on port 628 in the container.
 fn port_closed(c: &Container) -> bool {
     c.sh("exec 3<>/dev/tcp/127.0.0.1/628").status.code() != Some(0)
@@ -674,7 +682,7 @@ fn per_connection_pair_serves_stops_and_recovers_under_systemd() {
         "the failed instance",
         "journalctl -u 'qmqpd@*' -o cat --no-pager | grep -q 'status=78/CONFIG'",
     );
-    assert_eq!(c.property("qmqpd.socket", "ActiveState"), "active");
+    assert_states(&c, &[("qmqpd.socket", "active")]);
     c.write("/etc/qmqpd/main.cf", MAIN_CF.as_bytes());
     c.queue_message("127.0.0.1");
 }
@@ -715,10 +723,7 @@ fn listener_pair_serves_restarts_and_recovers_under_systemd() {
     check_user_and_queue(&c);
     c.ok("systemctl enable --now qmqpd-listener.socket");
     check_messages(&c);
-    assert_eq!(
-        c.property("qmqpd-listener.service", "ActiveState"),
-        "active"
-    );
+    assert_states(&c, &[("qmqpd-listener.service", "active")]);
     let status = c.property("qmqpd-listener.service", "StatusText");
     assert!(status.starts_with("served "), "STATUS=: {status:?}");
     // The start limit is off: each max_use or max_idle exit is a start (issue 15).
@@ -764,7 +769,7 @@ fn listener_pair_serves_restarts_and_recovers_under_systemd() {
         "the max_use exit",
         "! systemctl is-active -q qmqpd-listener.service",
     );
-    assert_eq!(c.property("qmqpd-listener.socket", "ActiveState"), "active");
+    assert_states(&c, &[("qmqpd-listener.socket", "active")]);
     let mark = c.log_mark();
     c.queue_message("[::1]");
     let first = c.property("qmqpd-listener.service", "MainPID");
@@ -814,7 +819,7 @@ fn listener_pair_serves_restarts_and_recovers_under_systemd() {
             before + 14
         ),
     );
-    assert_eq!(c.property("qmqpd-listener.socket", "ActiveState"), "active");
+    assert_states(&c, &[("qmqpd-listener.socket", "active")]);
 
     // A configuration error with the shipped units: qmqpd exits 78 without accepting, and
     // systemd starts it again every 5 s (Restart=on-failure) while the client waits in the
@@ -846,7 +851,7 @@ fn listener_pair_serves_restarts_and_recovers_under_systemd() {
     c.ok("journalctl -u qmqpd-listener.service -o cat --no-pager \\
          | grep -q 'status=78/CONFIG' && journalctl -u qmqpd-listener.service -o cat \\
          --no-pager | grep -q 'Scheduled restart job'");
-    assert_eq!(c.property("qmqpd-listener.socket", "ActiveState"), "active");
+    assert_states(&c, &[("qmqpd-listener.socket", "active")]);
     let failures = listener_failures(&c);
     c.write("/etc/qmqpd/main.cf", MAIN_CF.as_bytes());
     let status = wait_bounded(&mut waiting, COMMAND_LIMIT).expect("qmqpc hung");
@@ -865,10 +870,12 @@ fn listener_pair_serves_restarts_and_recovers_under_systemd() {
         .parse()
         .unwrap();
     eprintln!("configuration error: {failures} failed starts, {restarts} restarts");
-    assert_eq!(c.property("qmqpd-listener.socket", "ActiveState"), "active");
-    assert_eq!(
-        c.property("qmqpd-listener.service", "ActiveState"),
-        "active"
+    assert_states(
+        &c,
+        &[
+            ("qmqpd-listener.socket", "active"),
+            ("qmqpd-listener.service", "active"),
+        ],
     );
     c.queue_message("[::1]");
 }
@@ -886,25 +893,26 @@ fn pairs_switch_both_ways_and_purge_leaves_only_the_user() {
 
         // Per connection -> listener: one command, and the listener serves right away.
         c.ok("systemctl disable qmqpd.socket && systemctl enable --now qmqpd-listener.socket");
-        assert_eq!(c.property("qmqpd.socket", "ActiveState"), "inactive");
-        assert_eq!(c.property("qmqpd-listener.socket", "ActiveState"), "active");
-        c.queue_message("[::1]");
-        assert_eq!(
-            c.property("qmqpd-listener.service", "ActiveState"),
-            "active"
+        assert_states(
+            &c,
+            &[
+                ("qmqpd.socket", "inactive"),
+                ("qmqpd-listener.socket", "active"),
+            ],
         );
+        c.queue_message("[::1]");
+        assert_states(&c, &[("qmqpd-listener.service", "active")]);
 
         // Listener -> per connection: the running listener is stopped too.
         c.ok("systemctl disable qmqpd-listener.socket && systemctl enable --now qmqpd.socket");
-        assert_eq!(
-            c.property("qmqpd-listener.socket", "ActiveState"),
-            "inactive"
+        assert_states(
+            &c,
+            &[
+                ("qmqpd-listener.socket", "inactive"),
+                ("qmqpd-listener.service", "inactive"),
+                ("qmqpd.socket", "active"),
+            ],
         );
-        assert_eq!(
-            c.property("qmqpd-listener.service", "ActiveState"),
-            "inactive"
-        );
-        assert_eq!(c.property("qmqpd.socket", "ActiveState"), "active");
         let accepted: u64 = c.property("qmqpd.socket", "NAccepted").parse().unwrap();
         c.queue_message("127.0.0.1");
         let now: u64 = c.property("qmqpd.socket", "NAccepted").parse().unwrap();
@@ -918,14 +926,16 @@ fn pairs_switch_both_ways_and_purge_leaves_only_the_user() {
         c.ok("systemctl enable qmqpd-listener.socket");
     }
     let c = Container::boot(&host, &overlay, "switch");
-    assert_eq!(c.property("qmqpd-listener.socket", "ActiveState"), "active");
-    assert_eq!(c.property("qmqpd.socket", "ActiveState"), "inactive");
+    assert_states(
+        &c,
+        &[
+            ("qmqpd-listener.socket", "active"),
+            ("qmqpd.socket", "inactive"),
+        ],
+    );
     assert_eq!(c.property("qmqpd.socket", "UnitFileState"), "enabled");
     c.queue_message("127.0.0.1");
-    assert_eq!(
-        c.property("qmqpd-listener.service", "ActiveState"),
-        "active"
-    );
+    assert_states(&c, &[("qmqpd-listener.service", "active")]);
 
     // Purge: the sockets are stopped and their enable links, the queue, the configuration
     // and every file of the package are gone; the user qmqpd stays.
