@@ -10,8 +10,8 @@
 //! no machined or D-Bus on a CI host). A guard powers the container off, kills it if it does
 //! not stop, and removes the overlay, also when the test fails.
 //!
-//! Needs root, systemd-nspawn, nsenter and the tree: missing any, a test is skipped with the
-//! reason, or fails under QMQPD_REQUIRE_INTEROP=1.
+//! Needs root, systemd-nspawn, nsenter, unshare, setpriv and the tree: missing any, a test
+//! is skipped with the reason, or fails under QMQPD_REQUIRE_INTEROP=1.
 
 mod common;
 
@@ -43,9 +43,9 @@ qmqpd_error_delay = 0\n\
 message_size_limit = 20000\n\
 myhostname = qmqpd-test.example.org\n";
 /// A line that makes main.cf a configuration error (an unsupported lookup table).
-const BAD_LINE: &str = "qmqpd_authorized_clients = hash:/etc/qmqpd/clients\n";
-/// What the queue of a running service may write to, and nothing else: the queue, and the
-/// private /tmp and /var/tmp of PrivateTmp=.
+const BAD_LINE: &str = "qmqpd_authorized_clients = hash:/etc/qmqpd/clients";
+/// Where a running qmqpd may create files, and nowhere else: the queue, and the private
+/// /tmp and /var/tmp of PrivateTmp=.
 const WRITABLE: [&str; 3] = ["/tmp", "/var/spool/qmqpd", "/var/tmp"];
 
 /// The message every test sends.
@@ -57,8 +57,6 @@ const MESSAGE: &[u8] = b"From: sender@example.org\nSubject: systemd test\n\nhell
 /// release build when nothing changed) and returns its path.
 fn package() -> PathBuf {
     static DEB: OnceLock<PathBuf> = OnceLock::new();
-    static BUILD: Mutex<()> = Mutex::new(());
-    let _one_at_a_time = BUILD.lock().unwrap_or_else(|e| e.into_inner());
     DEB.get_or_init(|| {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/build-deb");
         let output = run_bounded(
@@ -671,7 +669,7 @@ fn per_connection_pair_serves_stops_and_recovers_under_systemd() {
     // A configuration error: every client gets Z and the error is logged; the next
     // connection after the fix is served, with nothing to restart.
     let mark = c.log_mark();
-    c.ok(&format!("echo '{}' >> /etc/qmqpd/main.cf", BAD_LINE.trim()));
+    c.ok(&format!("echo '{}' >> /etc/qmqpd/main.cf", BAD_LINE));
     let (status, reply) = c.qmqpc("127.0.0.1", MESSAGE);
     assert_eq!((status, reply.trim()), (75, "ZError: internal error"));
     c.wait_for_log(
@@ -829,7 +827,7 @@ fn listener_pair_serves_restarts_and_recovers_under_systemd() {
     c.ok("systemctl restart qmqpd-listener.socket");
     assert_eq!(c.property("qmqpd-listener.service", "RestartUSec"), "5s");
     let mark = c.log_mark();
-    c.ok(&format!("echo '{}' >> /etc/qmqpd/main.cf", BAD_LINE.trim()));
+    c.ok(&format!("echo '{}' >> /etc/qmqpd/main.cf", BAD_LINE));
     let mut waiting = c
         .command(
             "qmqpc -t 120 -s 127.0.0.1 -f sender@example.org rcpt@example.net \
