@@ -178,9 +178,21 @@ fn listener_service_is_type_notify_on_an_accept_no_socket() {
         value("qmqpd-listener.service", "Requires"),
         "qmqpd-listener.socket"
     );
-    // The two sockets bind the same port: enabling one stops the other.
+    // The two sockets bind the same port: starting one stops the other, the stop first
+    // (the ordering), and the listener's side alone declares both, so that it wins when
+    // both are enabled (tests/systemd.rs boots them).
     assert_eq!(value("qmqpd-listener.socket", "Conflicts"), "qmqpd.socket");
-    assert_eq!(value("qmqpd.socket", "Conflicts"), "qmqpd-listener.socket");
+    assert_eq!(value("qmqpd-listener.socket", "After"), "qmqpd.socket");
+    assert!(values(&shipped("qmqpd.socket"), "Conflicts").is_empty());
+    assert!(values(&shipped("qmqpd.socket"), "After").is_empty());
+    // Every max_use or max_idle exit is a start: no start limit; a failed start is retried
+    // after a pause instead of at once (issue 15).
+    assert_eq!(
+        value("qmqpd-listener.service", "StartLimitIntervalSec"),
+        "0"
+    );
+    assert_eq!(value("qmqpd-listener.service", "Restart"), "on-failure");
+    assert_eq!(value("qmqpd-listener.service", "RestartSec"), "5s");
 }
 
 #[test]
