@@ -15,6 +15,7 @@
 //! - `config`: main.cf parsing and typed parameters
 //! - `access`: Postfix match lists (`qmqpd_authorized_clients`, `debug_peer_list`)
 //! - `peer`: who the client is
+//! - `proxy`: the PROXY protocol header (v1, v2) a balancer sends before the request
 //! - `logging`: the `log` backend (syslog, file, stderr) and the Postfix-style lines
 //! - `listen`: where connections come from (stdin/stdout, `--listen`, systemd sockets)
 //! - `server`: one connection from identification to reply, and the accept loop
@@ -37,6 +38,7 @@ pub mod logging;
 pub mod message;
 pub mod netstring;
 pub mod peer;
+pub mod proxy;
 pub mod queue;
 pub mod reply;
 pub mod server;
