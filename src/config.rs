@@ -20,6 +20,12 @@ use std::time::Duration;
 pub struct Params {
     /// The queue (`tmp/`, `new/`, `cur/` below it).
     pub queue_directory: PathBuf,
+    /// Empty, or `addr:port` where the listener answers HAProxy's agent check.
+    pub qmqpd_agent_check_listen: String,
+    /// Free bytes on the queue file system below which the agent check answers `drain`.
+    pub qmqpd_agent_check_minfree: u64,
+    /// Free inodes on the queue file system below which the agent check answers `drain`.
+    pub qmqpd_agent_check_mininodes: u64,
     /// Raw (expanded) match list; parsed by `access::MatchList::parse`.
     pub qmqpd_authorized_clients: String,
     /// Limit for one read or write on the connection (> 0).
@@ -30,6 +36,12 @@ pub struct Params {
     pub qmqpd_client_port_logging: bool,
     /// Look up the client's name in DNS.
     pub qmqpd_peername_lookup: bool,
+    /// Raw (expanded) match list of the peers that may send a PROXY header.
+    pub qmqpd_upstream_proxy_clients: String,
+    /// Every connection starts with a PROXY header (`haproxy`), or none does (empty).
+    pub qmqpd_upstream_proxy_protocol: bool,
+    /// Limit for reading the PROXY header (> 0).
+    pub qmqpd_upstream_proxy_timeout: Duration,
     /// Largest request in bytes, envelope included; 0 means no limit (see [`Params::size_limit`]).
     pub message_size_limit: u64,
     /// Longest sender or recipient (>= 1).
@@ -87,11 +99,17 @@ impl Default for Params {
     fn default() -> Params {
         Params {
             queue_directory: PathBuf::from("/var/spool/qmqpd"),
+            qmqpd_agent_check_listen: String::new(),
+            qmqpd_agent_check_minfree: 104_857_600,
+            qmqpd_agent_check_mininodes: 10_000,
             qmqpd_authorized_clients: "127.0.0.0/8, [::1]/128".to_owned(),
             qmqpd_timeout: Duration::from_secs(300),
             qmqpd_error_delay: Duration::from_secs(1),
             qmqpd_client_port_logging: false,
             qmqpd_peername_lookup: true,
+            qmqpd_upstream_proxy_clients: "127.0.0.0/8, [::1]/128".to_owned(),
+            qmqpd_upstream_proxy_protocol: false,
+            qmqpd_upstream_proxy_timeout: Duration::from_secs(5),
             message_size_limit: 10_240_000,
             line_length_limit: 2048,
             hopcount_limit: 50,
@@ -227,7 +245,7 @@ impl std::error::Error for ConfigError {
 }
 
 /// The parameters qmqpd knows, sorted by name (byte order, as postconf sorts).
-const KNOWN: [&str; 26] = [
+const KNOWN: [&str; 32] = [
     "content_filter",
     "daemon_timeout",
     "debug_peer_level",
@@ -243,11 +261,17 @@ const KNOWN: [&str; 26] = [
     "max_use",
     "message_size_limit",
     "myhostname",
+    "qmqpd_agent_check_listen",
+    "qmqpd_agent_check_minfree",
+    "qmqpd_agent_check_mininodes",
     "qmqpd_authorized_clients",
     "qmqpd_client_port_logging",
     "qmqpd_error_delay",
     "qmqpd_peername_lookup",
     "qmqpd_timeout",
+    "qmqpd_upstream_proxy_clients",
+    "qmqpd_upstream_proxy_protocol",
+    "qmqpd_upstream_proxy_timeout",
     "queue_directory",
     "receive_override_options",
     "soft_bounce",
@@ -291,6 +315,8 @@ fn default_value(name: &str) -> Option<&'static str> {
         "content_filter"
         | "debug_peer_list"
         | "maillog_file"
+        | "qmqpd_agent_check_listen"
+        | "qmqpd_upstream_proxy_protocol"
         | "receive_override_options"
         | "syslog_name" => "",
         "daemon_timeout" => "18000s",
@@ -302,11 +328,14 @@ fn default_value(name: &str) -> Option<&'static str> {
         "mail_name" | "mail_owner" => "qmqpd",
         "max_idle" => "100s",
         "message_size_limit" => "10240000",
-        "qmqpd_authorized_clients" => "127.0.0.0/8, [::1]/128",
+        "qmqpd_agent_check_minfree" => "104857600",
+        "qmqpd_agent_check_mininodes" => "10000",
+        "qmqpd_authorized_clients" | "qmqpd_upstream_proxy_clients" => "127.0.0.0/8, [::1]/128",
         "qmqpd_client_port_logging" | "soft_bounce" => "no",
         "qmqpd_error_delay" => "1s",
         "qmqpd_peername_lookup" => "yes",
         "qmqpd_timeout" => "300s",
+        "qmqpd_upstream_proxy_timeout" => "5s",
         "queue_directory" => "/var/spool/qmqpd",
         "syslog_facility" => "mail",
         "verp_delimiter_filter" => "-=+",
@@ -901,11 +930,17 @@ impl Resolver<'_> {
     fn params(&self) -> Result<Params, ConfigError> {
         Ok(Params {
             queue_directory: PathBuf::from(self.non_empty("queue_directory")?),
+            qmqpd_agent_check_listen: self.agent_check_listen()?,
+            qmqpd_agent_check_minfree: self.number("qmqpd_agent_check_minfree", 0)?,
+            qmqpd_agent_check_mininodes: self.number("qmqpd_agent_check_mininodes", 0)?,
             qmqpd_authorized_clients: self.value("qmqpd_authorized_clients")?,
             qmqpd_timeout: self.time("qmqpd_timeout", 1)?,
             qmqpd_error_delay: self.time("qmqpd_error_delay", 0)?,
             qmqpd_client_port_logging: self.boolean("qmqpd_client_port_logging")?,
             qmqpd_peername_lookup: self.boolean("qmqpd_peername_lookup")?,
+            qmqpd_upstream_proxy_clients: self.value("qmqpd_upstream_proxy_clients")?,
+            qmqpd_upstream_proxy_protocol: self.upstream_proxy_protocol()?,
+            qmqpd_upstream_proxy_timeout: self.time("qmqpd_upstream_proxy_timeout", 1)?,
             message_size_limit: self.number("message_size_limit", 0)?,
             line_length_limit: self.number("line_length_limit", 1)?,
             hopcount_limit: self.number("hopcount_limit", 1)?,
@@ -1007,6 +1042,31 @@ impl Resolver<'_> {
                 );
                 Err(self.invalid(name, value, reason))
             }
+        }
+    }
+
+    /// `qmqpd_upstream_proxy_protocol`: empty (off) or `haproxy` (v1 or v2, detected).
+    fn upstream_proxy_protocol(&self) -> Result<bool, ConfigError> {
+        let name = "qmqpd_upstream_proxy_protocol";
+        let value = self.value(name)?;
+        match value.trim() {
+            "" => Ok(false),
+            "haproxy" => Ok(true),
+            _ => Err(self.invalid(name, value, "expected empty or \"haproxy\"")),
+        }
+    }
+
+    /// `qmqpd_agent_check_listen`: empty (off) or a numeric `addr:port`.
+    fn agent_check_listen(&self) -> Result<String, ConfigError> {
+        let name = "qmqpd_agent_check_listen";
+        let value = self.value(name)?;
+        let trimmed = value.trim();
+        if trimmed.is_empty() {
+            return Ok(String::new());
+        }
+        match trimmed.parse::<std::net::SocketAddr>() {
+            Ok(_) => Ok(trimmed.to_owned()),
+            Err(_) => Err(self.invalid(name, value, "expected empty or a numeric address:port")),
         }
     }
 

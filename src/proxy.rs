@@ -448,7 +448,10 @@ mod tests {
         let (result, _) = read_counted(b"PROXZ TCP4 1.2.3.4 1.2.3.4 1 2\r\n");
         assert!(matches!(result, Err(ProxyError::Missing { .. })));
         assert!(matches!(read_counted(b"").0, Err(ProxyError::Eof)));
-        assert!(matches!(read_counted(b"PROXY TCP4").0, Err(ProxyError::Eof)));
+        assert!(matches!(
+            read_counted(b"PROXY TCP4").0,
+            Err(ProxyError::Eof)
+        ));
         assert!(matches!(
             read_counted(b"PROXY TCP4 1.2.3.4 ").0,
             Err(ProxyError::Eof)
@@ -491,10 +494,7 @@ mod tests {
             }
         );
         // LOCAL ignores whatever address block it carries.
-        assert_eq!(
-            read_counted(&v2(0x20, 0x00, &[])).0.unwrap(),
-            Header::Local
-        );
+        assert_eq!(read_counted(&v2(0x20, 0x00, &[])).0.unwrap(), Header::Local);
         assert_eq!(
             read_counted(&v2(0x20, 0x11, &[1, 2, 3])).0.unwrap(),
             Header::Local
@@ -557,6 +557,9 @@ mod tests {
             "no PROXY header: the connection starts with \"1\""
         );
         let timeout = ProxyError::Io(io::ErrorKind::TimedOut.into());
-        assert_eq!(timeout.to_string(), "timeout while reading the PROXY header");
+        assert_eq!(
+            timeout.to_string(),
+            "timeout while reading the PROXY header"
+        );
     }
 }

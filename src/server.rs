@@ -23,6 +23,7 @@ use crate::access::{AccessError, MatchList};
 use crate::config::Params;
 use crate::listen::Listener;
 use crate::peer::{self, Client, LaunchEnv, NameCache, Resolver, SocketPeer, SystemResolver};
+use crate::proxy::{self, Header};
 use crate::queue::Queue;
 use crate::reply::{Rejection, Reply};
 use crate::session::{self, End, Outcome, Transaction};
@@ -50,6 +51,8 @@ pub struct Service {
     pub params: Params,
     pub clients: MatchList,
     pub debug_peers: MatchList,
+    /// The peers that may send a PROXY header (`qmqpd_upstream_proxy_clients`).
+    pub proxy_clients: MatchList,
     pub queue: Queue,
     pub env: LaunchEnv,
     /// Where client names come from when the launcher gave none.
@@ -68,7 +71,16 @@ impl Service {
         let clients =
             MatchList::parse("qmqpd_authorized_clients", &params.qmqpd_authorized_clients)?;
         let debug_peers = MatchList::parse("debug_peer_list", &params.debug_peer_list)?;
-        for warning in clients.warnings().iter().chain(debug_peers.warnings()) {
+        let proxy_clients = MatchList::parse(
+            "qmqpd_upstream_proxy_clients",
+            &params.qmqpd_upstream_proxy_clients,
+        )?;
+        for warning in clients
+            .warnings()
+            .iter()
+            .chain(debug_peers.warnings())
+            .chain(proxy_clients.warnings())
+        {
             log::warn!("{warning}");
         }
         let queue = Queue::new(&params.queue_directory, &params.myhostname);
@@ -77,6 +89,7 @@ impl Service {
             params,
             clients,
             debug_peers,
+            proxy_clients,
             queue,
             env,
             resolver: Arc::new(SystemResolver),
@@ -109,6 +122,17 @@ impl Connection {
             rd: File::from(fd),
             wr,
         })
+    }
+
+    /// The read side with one overall time limit, for the PROXY header.
+    fn rd_timed(&self, limit: Duration) -> Timed<'_> {
+        let now = Instant::now();
+        Timed {
+            file: &self.rd,
+            timeout: limit,
+            deadline: now.checked_add(limit).unwrap_or(now),
+            stress: None,
+        }
     }
 
     /// Who is at the other end, according to the descriptor.
@@ -176,6 +200,50 @@ impl Write for Timed<'_> {
     }
 }
 
+/// The client a balancer's PROXY header names, read from `rdr`; `real` is the connection's
+/// own peer. A peer not in `qmqpd_upstream_proxy_clients`, or a missing or malformed header,
+/// is logged with the real peer and refused (the caller answers `Z`: a misconfigured
+/// balancer must not bounce mail).
+fn proxied_client(svc: &Service, mut rdr: Timed<'_>, real: Client) -> Result<Client, ()> {
+    if !svc.proxy_clients.matches(None, real.addr) {
+        log::warn!(
+            "{}: not in qmqpd_upstream_proxy_clients: refusing a connection that must start \
+             with a PROXY header",
+            real.namaddr()
+        );
+        return Err(());
+    }
+    match proxy::read_header(&mut rdr) {
+        Ok(Header::Proxied {
+            version, source, ..
+        }) => {
+            let mut client = Client::at(source.ip(), Some(source.port()));
+            client.port_logging = real.port_logging;
+            log::debug!(
+                "{}: PROXY v{version} header: client {}",
+                real.namaddr(),
+                client.namaddr()
+            );
+            Ok(client)
+        }
+        Ok(Header::Local) => {
+            log::debug!("{}: PROXY v2 LOCAL: keeping the real peer", real.namaddr());
+            Ok(real)
+        }
+        Ok(Header::Unknown { version, family }) => {
+            log::info!(
+                "{}: PROXY v{version} header with address family {family}: keeping the real peer",
+                real.namaddr()
+            );
+            Ok(real)
+        }
+        Err(e) => {
+            log::warn!("{}: {e}", real.namaddr());
+            Err(())
+        }
+    }
+}
+
 /// Serves one connection: identify, check access, run the transaction, close cleanly.
 pub fn serve_connection(svc: &Service, conn: Connection) -> Outcome {
     let params = &svc.params;
@@ -184,6 +252,23 @@ pub fn serve_connection(svc: &Service, conn: Connection) -> Outcome {
         .checked_add(params.daemon_timeout)
         .unwrap_or(started + Duration::from_secs(86400 * 365));
     let mut client = peer::identify(&svc.env, conn.peer(), params.qmqpd_client_port_logging);
+    if params.qmqpd_upstream_proxy_protocol {
+        match proxied_client(
+            svc,
+            conn.rd_timed(params.qmqpd_upstream_proxy_timeout),
+            client,
+        ) {
+            Ok(proxied) => client = proxied,
+            Err(()) => {
+                let reply = Reply::Rejected(Rejection::Internal);
+                refuse(&conn, &reply);
+                return Outcome {
+                    end: End::Replied(reply),
+                    request_read: false,
+                };
+            }
+        }
+    }
     if params.qmqpd_peername_lookup
         && !client.name_verified
         && let Some(addr) = client.addr
@@ -719,5 +804,66 @@ mod tests {
             reply,
             b"64:DError: unknown[127.0.0.1] is not authorized to use this service,"
         );
+    }
+
+    fn proxy_service(dir: &std::path::Path, proxy_clients: &str) -> Service {
+        let params = Params {
+            queue_directory: dir.to_path_buf(),
+            qmqpd_error_delay: Duration::ZERO,
+            qmqpd_authorized_clients: "192.0.2.0/24".into(),
+            qmqpd_peername_lookup: false,
+            qmqpd_upstream_proxy_protocol: true,
+            qmqpd_upstream_proxy_clients: proxy_clients.into(),
+            myhostname: "mx.example".into(),
+            ..Params::default()
+        };
+        Service::new(params, LaunchEnv::default()).unwrap()
+    }
+
+    #[test]
+    fn serve_connection_takes_the_client_from_the_proxy_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = proxy_service(dir.path(), "127.0.0.0/8");
+        let mut request = b"PROXY TCP4 192.0.2.7 203.0.113.1 56324 628\r\n".to_vec();
+        request.extend_from_slice(REQUEST);
+        let (_, reply) = exchange(&svc, &request);
+        assert!(
+            reply.starts_with(b"33:KOk: queued as "),
+            "{}",
+            String::from_utf8_lossy(&reply)
+        );
+        let new = std::fs::read_dir(dir.path().join("new"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8(std::fs::read(new.path()).unwrap()).unwrap();
+        assert!(text.contains("(unknown [192.0.2.7])"), "{text}");
+        // Without the header the real peer (127.0.0.1) would be denied; with a v2 LOCAL
+        // header it is the client and is denied as such.
+        let mut local = proxy::V2_SIGNATURE.to_vec();
+        local.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
+        local.extend_from_slice(REQUEST);
+        let (_, reply) = exchange(&svc, &local);
+        assert_eq!(
+            reply,
+            b"64:DError: unknown[127.0.0.1] is not authorized to use this service,"
+        );
+    }
+
+    #[test]
+    fn serve_connection_answers_z_without_a_valid_proxy_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = proxy_service(dir.path(), "127.0.0.0/8");
+        let (outcome, reply) = exchange(&svc, REQUEST);
+        assert_eq!(reply, b"22:ZError: internal error,");
+        assert!(outcome.local_failure());
+        // A peer that may not speak PROXY is refused even with a well-formed header.
+        let svc = proxy_service(dir.path(), "192.0.2.1");
+        let mut request = b"PROXY TCP4 192.0.2.7 203.0.113.1 56324 628\r\n".to_vec();
+        request.extend_from_slice(REQUEST);
+        let (_, reply) = exchange(&svc, &request);
+        assert_eq!(reply, b"22:ZError: internal error,");
+        assert!(std::fs::read_dir(dir.path().join("new")).map_or(true, |mut d| d.next().is_none()));
     }
 }
