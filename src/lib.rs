@@ -18,6 +18,7 @@
 //! - `proxy`: the PROXY protocol header (v1, v2) a balancer sends before the request
 //! - `logging`: the `log` backend (syslog, file, stderr) and the Postfix-style lines
 //! - `listen`: where connections come from (stdin/stdout, `--listen`, systemd sockets)
+//! - `agent`: HAProxy's agent check: is this host's queue fit for new mail
 //! - `server`: one connection from identification to reply, and the accept loop
 //! - `date`: UTC dates for the Received: header and log lines
 //! - `client`: the QMQP client used by `qmqpc`, `qmqp-queue` and the tests
@@ -29,6 +30,7 @@
 )]
 
 pub mod access;
+pub mod agent;
 pub mod client;
 pub mod config;
 pub mod date;

@@ -17,6 +17,7 @@ use std::time::SystemTime;
 use anyhow::{Context, anyhow, bail};
 use nix::unistd::{Uid, User};
 
+use qmqpd::agent::{self, Thresholds};
 use qmqpd::config::{self, Config, Source};
 use qmqpd::listen::{self, Incoming, Listener, Passed};
 use qmqpd::logging::{self, LogSetup};
@@ -140,6 +141,23 @@ fn run() -> i32 {
         Ok(mode) => mode,
         Err(e) => return fail_logged(&e, &waiting),
     };
+    // Bound before giving up root, like the QMQP listeners.
+    let agent = match (&mode, cfg.params.qmqpd_agent_check_listen.as_str()) {
+        (_, "") => None,
+        (Incoming::Listen(_), addr) => match std::net::TcpListener::bind(addr) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                return fail_logged(
+                    &format!("cannot listen on {addr} (qmqpd_agent_check_listen): {e}"),
+                    &waiting,
+                );
+            }
+        },
+        (_, _) => {
+            log::debug!("qmqpd_agent_check_listen is ignored when serving one connection");
+            None
+        }
+    };
     if let Err(e) = switch_user(&cfg.params.mail_owner) {
         return fail_logged(&format!("{e:#}"), &waiting);
     }
@@ -155,7 +173,7 @@ fn run() -> i32 {
     };
     match (mode, waiting) {
         (Incoming::Listen(listeners), _) => {
-            serve_listeners(svc, &listeners, !args.listen.is_empty())
+            serve_listeners(svc, &listeners, agent, !args.listen.is_empty())
         }
         // The waiting client is the connection on stdin/stdout or the passed socket.
         (_, Waiting::Client(conn)) => serve_once(&svc, conn),
@@ -182,7 +200,12 @@ fn exit_status(outcome: &Outcome) -> i32 {
     }
 }
 
-fn serve_listeners(svc: Service, listeners: &[Listener], self_bound: bool) -> i32 {
+fn serve_listeners(
+    svc: Service,
+    listeners: &[Listener],
+    agent: Option<std::net::TcpListener>,
+    self_bound: bool,
+) -> i32 {
     let stop = match StopSignal::install() {
         Ok(stop) => stop,
         Err(e) => {
@@ -203,6 +226,20 @@ fn serve_listeners(svc: Service, listeners: &[Listener], self_bound: bool) -> i3
     };
     for l in listeners {
         log::info!("listening on {l}");
+    }
+    if let Some(agent) = agent {
+        let limits = Thresholds {
+            min_free_bytes: params.qmqpd_agent_check_minfree,
+            min_free_inodes: params.qmqpd_agent_check_mininodes,
+        };
+        let addr = params.qmqpd_agent_check_listen.clone();
+        if let Err(e) = agent::spawn(agent, svc.queue.dir().to_path_buf(), limits) {
+            return fail_logged(
+                &format!("cannot start the agent check on {addr}: {e}"),
+                &Waiting::Nobody,
+            );
+        }
+        log::info!("answering HAProxy agent checks on {addr}");
     }
     match server::run_listeners(Arc::new(svc), listeners, limits, &stop) {
         Ok(served) => {
