@@ -135,6 +135,12 @@ impl Connection {
         }
     }
 
+    /// True when the connection is a socket (connected or not any more), not a pipe.
+    fn is_socket(&self) -> bool {
+        nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(self.rd.as_raw_fd())
+            .is_ok()
+    }
+
     /// Who is at the other end, according to the descriptor.
     pub fn peer(&self) -> SocketPeer {
         peer::socket_peer(self.rd.as_fd())
@@ -204,7 +210,17 @@ impl Write for Timed<'_> {
 /// own peer. A peer not in `qmqpd_upstream_proxy_clients`, or a missing or malformed header,
 /// is logged with the real peer and refused (the caller answers `Z`: a misconfigured
 /// balancer must not bounce mail).
-fn proxied_client(svc: &Service, mut rdr: Timed<'_>, real: Client) -> Result<Client, ()> {
+fn proxied_client(
+    svc: &Service,
+    mut rdr: Timed<'_>,
+    real: Client,
+    is_socket: bool,
+) -> Result<Client, ()> {
+    if real.addr.is_none() && is_socket {
+        // A socket without a peer: reset before we looked (a balancer's plain TCP check).
+        log::info!("lost connection before the PROXY header");
+        return Err(());
+    }
     if !svc.proxy_clients.matches(None, real.addr) {
         log::warn!(
             "{}: not in qmqpd_upstream_proxy_clients: refusing a connection that must start \
@@ -253,11 +269,8 @@ pub fn serve_connection(svc: &Service, conn: Connection) -> Outcome {
         .unwrap_or(started + Duration::from_secs(86400 * 365));
     let mut client = peer::identify(&svc.env, conn.peer(), params.qmqpd_client_port_logging);
     if params.qmqpd_upstream_proxy_protocol {
-        match proxied_client(
-            svc,
-            conn.rd_timed(params.qmqpd_upstream_proxy_timeout),
-            client,
-        ) {
+        let rdr = conn.rd_timed(params.qmqpd_upstream_proxy_timeout);
+        match proxied_client(svc, rdr, client, conn.is_socket()) {
             Ok(proxied) => client = proxied,
             Err(()) => {
                 let reply = Reply::Rejected(Rejection::Internal);

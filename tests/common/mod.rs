@@ -6,6 +6,8 @@
 //! `QMQPD_REQUIRE_INTEROP=1` (as `.ci/run` sets).
 #![allow(dead_code)]
 
+pub mod haproxy;
+
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
