@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod haproxy;
+pub mod postfix;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
