@@ -89,7 +89,14 @@ pub fn decide(queue: &QueueState, limits: Thresholds) -> (State, String) {
 pub fn probe(dir: &Path) -> QueueState {
     let mut unwritable = None;
     for sub in ["tmp", "new"] {
-        let path = dir.join(sub);
+        // qmqpd makes a missing tmp/ or new/ with the first message: then the queue
+        // directory itself must be writable.
+        let sub_dir = dir.join(sub);
+        let path = if sub_dir.exists() {
+            sub_dir
+        } else {
+            dir.to_path_buf()
+        };
         if let Err(e) = access(&path, AccessFlags::W_OK | AccessFlags::X_OK) {
             unwritable = Some(format!("{}: {e}", path.display()));
             break;
@@ -203,6 +210,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let missing = probe(&dir.path().join("nothing"));
         assert!(missing.unwritable.is_some());
+        // An empty queue directory gets its tmp/ and new/ with the first message.
+        assert_eq!(probe(dir.path()).unwritable, None);
         for sub in ["tmp", "new"] {
             std::fs::create_dir(dir.path().join(sub)).unwrap();
         }

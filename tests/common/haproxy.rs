@@ -118,13 +118,20 @@ impl Haproxy {
             .collect()
     }
 
-    /// Waits (at most `limit`) until `server` of `backend` has exactly `status`; panics with
-    /// every server's status and HAProxy's log otherwise.
+    /// Waits (at most `limit`) until `server` of `backend` has `status` (exactly, or with a
+    /// cause after it: `DOWN (agent)`); panics with every server's status and HAProxy's log
+    /// otherwise.
     pub fn wait_status(&self, backend: &str, server: &str, status: &str, limit: Duration) {
         let deadline = Instant::now() + limit;
         loop {
             let all = self.server_status(backend);
-            if all.iter().any(|(s, st)| s == server && st == status) {
+            let matches = |st: &str| {
+                st == status
+                    || st
+                        .strip_prefix(status)
+                        .is_some_and(|rest| rest.starts_with(" ("))
+            };
+            if all.iter().any(|(s, st)| s == server && matches(st)) {
                 return;
             }
             assert!(

@@ -449,7 +449,7 @@ fn interop_required() -> bool {
 }
 
 /// Skips (None, reason on stderr) or, under QMQPD_REQUIRE_INTEROP=1, fails the test.
-fn skip_or_fail<T>(why: &str) -> Option<T> {
+pub fn skip_or_fail<T>(why: &str) -> Option<T> {
     if interop_required() {
         panic!("interop tool missing and QMQPD_REQUIRE_INTEROP=1: {why}");
     }
