@@ -559,3 +559,67 @@ fn cluster_behind_haproxy_keeps_clients_and_mail() {
         started.elapsed()
     );
 }
+
+/// Messages a second through HAProxy with 1, 2 and 3 hosts in rotation (the others in
+/// maintenance), for docs/scaling.md: `benches/cluster` runs it in release mode. Not a
+/// test of speed (nothing is asserted about it); ignored by the ordinary run.
+#[test]
+#[ignore = "a measurement: benches/cluster runs it"]
+fn cluster_throughput_with_one_two_three_hosts() {
+    if !nix::unistd::geteuid().is_root() {
+        skip_or_fail::<()>("not root: the measurement makes network namespaces");
+        return;
+    }
+    let (Some(_), Some(_), Some(source)) = (
+        require_tool("ip"),
+        require_tool("haproxy"),
+        interop_tool("QMQPD_POSTFIX_ROOT", "usr/sbin/qmqp-source"),
+    ) else {
+        return;
+    };
+    let env_number = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let messages = env_number("QMQPD_CLUSTER_MESSAGES", 2000);
+    let sessions = env_number("QMQPD_CLUSTER_SESSIONS", 12);
+    let runs = env_number("QMQPD_CLUSTER_RUNS", 3);
+    let ns = Namespaces::build();
+    let mut hosts: Vec<Host> = HOSTS.iter().map(|(s, a)| Host::new(s, a)).collect();
+    for host in &mut hosts {
+        host.start(&ns, &["-o", "default_process_limit=200"]);
+    }
+    let haproxy =
+        Haproxy::start(&haproxy_config(), Some(&ns.name("lb"))).expect("haproxy was found");
+    println!("| hosts | messages/s (median of {runs}) | runs |");
+    println!("|---|---|---|");
+    for in_rotation in 1..=HOSTS.len() {
+        for (i, (short, _)) in HOSTS.iter().enumerate() {
+            let verb = if i < in_rotation { "enable" } else { "disable" };
+            haproxy.admin(&format!("{verb} server qmqp_hosts/{short}"));
+            let want = if i < in_rotation { "UP" } else { "MAINT" };
+            haproxy.wait_status("qmqp_hosts", short, want, CHECK_LIMIT);
+        }
+        let mut rates = Vec::new();
+        for _ in 0..runs {
+            let started = Instant::now();
+            let out = qmqp_source(&ns, &source, messages, sessions);
+            let elapsed = started.elapsed().as_secs_f64();
+            assert!(out.status.success(), "qmqp-source: {}", describe(&out));
+            rates.push(messages as f64 / elapsed);
+        }
+        rates.sort_by(f64::total_cmp);
+        let shown: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
+        println!(
+            "| {in_rotation} | {:.0} | {} |",
+            rates[rates.len() / 2],
+            shown.join(", ")
+        );
+    }
+    println!(
+        "({messages} messages of 1 KiB a run, {sessions} qmqp-source sessions, new/ per host: {:?})",
+        counts(&hosts)
+    );
+}
