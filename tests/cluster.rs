@@ -292,6 +292,17 @@ fn qmqpc(ns: &Namespaces, client: &str, n: usize) -> Sent {
 /// Runs Postfix's qmqp-source from the allowed client: `count` messages over `sessions`
 /// connections at once; it exits 0 only when every reply was `K`.
 fn qmqp_source(ns: &Namespaces, tool: &InteropTool, count: usize, sessions: usize) -> Output {
+    qmqp_source_to(ns, tool, &format!("{BALANCER}:628"), count, sessions)
+}
+
+/// qmqp-source from the allowed client to `target` (address:port).
+fn qmqp_source_to(
+    ns: &Namespaces,
+    tool: &InteropTool,
+    target: &str,
+    count: usize,
+    sessions: usize,
+) -> Output {
     let mut cmd = ns.exec(ALLOWED.0, Path::new("env"));
     cmd.arg(format!(
         "LD_LIBRARY_PATH={}",
@@ -306,7 +317,7 @@ fn qmqp_source(ns: &Namespaces, tool: &InteropTool, count: usize, sessions: usiz
         "-l",
         "1024",
     ])
-    .args(["-f", SENDER, "-t", RECIPIENT, &format!("{BALANCER}:628")]);
+    .args(["-f", SENDER, "-t", RECIPIENT, target]);
     run_bounded(&mut cmd, b"", LIMIT)
 }
 
@@ -588,13 +599,38 @@ fn cluster_throughput_with_one_two_three_hosts() {
     let runs = env_number("QMQPD_CLUSTER_RUNS", 3);
     let ns = Namespaces::build();
     let mut hosts: Vec<Host> = HOSTS.iter().map(|(s, a)| Host::new(s, a)).collect();
+    let measure = |target: &str| {
+        let mut rates = Vec::new();
+        for _ in 0..runs {
+            let started = Instant::now();
+            let out = qmqp_source_to(&ns, &source, target, messages, sessions);
+            let elapsed = started.elapsed().as_secs_f64();
+            assert!(out.status.success(), "qmqp-source: {}", describe(&out));
+            rates.push(messages as f64 / elapsed);
+        }
+        rates.sort_by(f64::total_cmp);
+        let shown: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
+        (rates[rates.len() / 2], shown.join(", "))
+    };
+    println!("| hosts | messages/s (median of {runs}) | runs |");
+    println!("|---|---|---|");
+    // The baseline: one host without HAProxy (and without the PROXY header).
+    hosts[0].start(
+        &ns,
+        &[
+            "-o",
+            "qmqpd_upstream_proxy_protocol=",
+            "-o",
+            "default_process_limit=200",
+        ],
+    );
+    let (median, all) = measure(&format!("{}:628", HOSTS[0].1));
+    println!("| 1, direct (no HAProxy) | {median:.0} | {all} |");
     for host in &mut hosts {
         host.start(&ns, &["-o", "default_process_limit=200"]);
     }
     let haproxy =
         Haproxy::start(&haproxy_config(), Some(&ns.name("lb"))).expect("haproxy was found");
-    println!("| hosts | messages/s (median of {runs}) | runs |");
-    println!("|---|---|---|");
     for in_rotation in 1..=HOSTS.len() {
         for (i, (short, _)) in HOSTS.iter().enumerate() {
             let verb = if i < in_rotation { "enable" } else { "disable" };
@@ -602,24 +638,17 @@ fn cluster_throughput_with_one_two_three_hosts() {
             let want = if i < in_rotation { "UP" } else { "MAINT" };
             haproxy.wait_status("qmqp_hosts", short, want, CHECK_LIMIT);
         }
-        let mut rates = Vec::new();
-        for _ in 0..runs {
-            let started = Instant::now();
-            let out = qmqp_source(&ns, &source, messages, sessions);
-            let elapsed = started.elapsed().as_secs_f64();
-            assert!(out.status.success(), "qmqp-source: {}", describe(&out));
-            rates.push(messages as f64 / elapsed);
-        }
-        rates.sort_by(f64::total_cmp);
-        let shown: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
-        println!(
-            "| {in_rotation} | {:.0} | {} |",
-            rates[rates.len() / 2],
-            shown.join(", ")
-        );
+        let (median, all) = measure(&format!("{BALANCER}:628"));
+        println!("| {in_rotation}, through HAProxy | {median:.0} | {all} |");
     }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
-        "({messages} messages of 1 KiB a run, {sessions} qmqp-source sessions, new/ per host: {:?})",
-        counts(&hosts)
+        "({messages} messages of 1 KiB a run, {sessions} qmqp-source sessions; new/ per host \
+         {:?}; load average at the end {})",
+        counts(&hosts),
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
     );
 }
