@@ -847,6 +847,7 @@ pub fn check_proxy(data: &[u8]) -> &'static str {
             assert!(!text.is_empty() && text.len() <= CHECK_LINE_LIMIT, "{text:?}");
             match e {
                 ProxyError::Eof => assert_eq!(used, data.len(), "Eof before the end"),
+                ProxyError::Closed => assert!(data.is_empty(), "Closed with input"),
                 ProxyError::Missing { .. } => assert!(used <= 12),
                 _ => {}
             }

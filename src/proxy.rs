@@ -41,7 +41,9 @@ pub enum Header {
 pub enum ProxyError {
     /// Reading failed (a timeout included).
     Io(io::Error),
-    /// The connection ended inside the header (or before it).
+    /// The connection ended before its first byte (a balancer's plain TCP check does that).
+    Closed,
+    /// The connection ended inside the header.
     Eof,
     /// The connection does not start with a PROXY signature.
     Missing { first: Vec<u8> },
@@ -58,6 +60,7 @@ impl fmt::Display for ProxyError {
                 write!(f, "timeout while reading the PROXY header")
             }
             ProxyError::Io(e) => write!(f, "cannot read the PROXY header: {e}"),
+            ProxyError::Closed => write!(f, "lost connection before the PROXY header"),
             ProxyError::Eof => write!(f, "lost connection while reading the PROXY header"),
             ProxyError::Missing { first } => write!(
                 f,
@@ -99,7 +102,10 @@ pub fn read_header<R: Read>(rdr: &mut R) -> Result<Header, ProxyError> {
     // signature, so 12 bytes can always be read before deciding; the first one alone
     // already tells a client that sends no header at all.
     let mut start = [0u8; 12];
-    read_full(rdr, &mut start[..1])?;
+    read_full(rdr, &mut start[..1]).map_err(|e| match e {
+        ProxyError::Eof => ProxyError::Closed,
+        other => other,
+    })?;
     if start[0] != b'P' && start[0] != b'\r' {
         return Err(ProxyError::Missing {
             first: start[..1].to_vec(),
@@ -447,7 +453,8 @@ mod tests {
         assert_eq!(used, 1);
         let (result, _) = read_counted(b"PROXZ TCP4 1.2.3.4 1.2.3.4 1 2\r\n");
         assert!(matches!(result, Err(ProxyError::Missing { .. })));
-        assert!(matches!(read_counted(b"").0, Err(ProxyError::Eof)));
+        assert!(matches!(read_counted(b"").0, Err(ProxyError::Closed)));
+        assert!(matches!(read_counted(b"P").0, Err(ProxyError::Eof)));
         assert!(matches!(
             read_counted(b"PROXY TCP4").0,
             Err(ProxyError::Eof)

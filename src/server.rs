@@ -218,7 +218,10 @@ fn proxied_client(
 ) -> Result<Client, ()> {
     if real.addr.is_none() && is_socket {
         // A socket without a peer: reset before we looked (a balancer's plain TCP check).
-        log::info!("lost connection before the PROXY header");
+        log::info!(
+            "{}: lost connection before the PROXY header",
+            real.namaddr()
+        );
         return Err(());
     }
     if !svc.proxy_clients.matches(None, real.addr) {
@@ -252,6 +255,11 @@ fn proxied_client(
                 real.namaddr()
             );
             Ok(real)
+        }
+        // Connected and gone without a byte: a health check, not a misconfiguration.
+        Err(e @ proxy::ProxyError::Closed) => {
+            log::info!("{}: {e}", real.namaddr());
+            Err(())
         }
         Err(e) => {
             log::warn!("{}: {e}", real.namaddr());

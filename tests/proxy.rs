@@ -156,8 +156,17 @@ fn listen_missing_or_malformed_header_gets_z_and_a_warning_naming_the_peer() {
     assert_eq!(text(&bad), "22:ZError: internal error,");
     let too_long = s.exchange(&with_request(v2(0x21, 0x11, &[0; 5000])));
     assert_eq!(text(&too_long), "22:ZError: internal error,");
+    // A connection that ends without a byte (a plain TCP health check) is no warning.
+    let nothing = s.exchange(b"");
+    assert!(nothing.is_empty() || nothing == b"22:ZError: internal error,");
     assert!(q.files("new").is_empty());
     let log = q.log_text();
+    assert!(
+        log.lines().any(
+            |l| l.contains("lost connection before the PROXY header") && !l.contains("warning")
+        ),
+        "{log}"
+    );
     for want in [
         "warning: unknown[127.0.0.1]: no PROXY header: the connection starts with \"",
         "warning: unknown[127.0.0.1]: malformed PROXY header: v1 TCP4 address \"nowhere\"",
