@@ -757,6 +757,21 @@ mod tests {
         (outcome, reply)
     }
 
+    /// Asserts that `reply` is a K and returns the text of the first file in `dir`/new.
+    fn queued_text(dir: &std::path::Path, reply: &[u8]) -> String {
+        assert!(
+            reply.starts_with(b"33:KOk: queued as "),
+            "{}",
+            String::from_utf8_lossy(reply)
+        );
+        let new = std::fs::read_dir(dir.join("new"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        String::from_utf8(std::fs::read(new.path()).unwrap()).unwrap()
+    }
+
     #[test]
     fn reply_on_panic_answers_z_and_counts_as_local_failure() {
         let mut out = Vec::new();
@@ -776,18 +791,7 @@ mod tests {
             Duration::ZERO,
             Duration::from_secs(30),
         );
-        let (_, reply) = exchange(&svc, REQUEST);
-        assert!(
-            reply.starts_with(b"33:KOk: queued as "),
-            "{}",
-            String::from_utf8_lossy(&reply)
-        );
-        let new = std::fs::read_dir(dir.path().join("new"))
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap();
-        let text = String::from_utf8(std::fs::read(new.path()).unwrap()).unwrap();
+        let text = queued_text(dir.path(), &exchange(&svc, REQUEST).1);
         assert!(
             text.contains("Received: from client.example.com (client.example.com [127.0.0.1])"),
             "{text}"
@@ -847,18 +851,7 @@ mod tests {
         let svc = proxy_service(dir.path(), "127.0.0.0/8");
         let mut request = b"PROXY TCP4 192.0.2.7 203.0.113.1 56324 628\r\n".to_vec();
         request.extend_from_slice(REQUEST);
-        let (_, reply) = exchange(&svc, &request);
-        assert!(
-            reply.starts_with(b"33:KOk: queued as "),
-            "{}",
-            String::from_utf8_lossy(&reply)
-        );
-        let new = std::fs::read_dir(dir.path().join("new"))
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap();
-        let text = String::from_utf8(std::fs::read(new.path()).unwrap()).unwrap();
+        let text = queued_text(dir.path(), &exchange(&svc, &request).1);
         assert!(text.contains("(unknown [192.0.2.7])"), "{text}");
         // Without the header the real peer (127.0.0.1) would be denied; with a v2 LOCAL
         // header it is the client and is denied as such.

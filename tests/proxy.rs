@@ -71,6 +71,13 @@ fn with_request(header: Vec<u8>) -> Vec<u8> {
     bytes
 }
 
+/// `qmqpd --listen` on loopback with the PROXY protocol on, and `extra` arguments.
+fn proxy_server(q: &TestQueue, extra: &[&str]) -> Server {
+    let mut args = PROXY_ON.to_vec();
+    args.extend_from_slice(extra);
+    Server::start(q, &args)
+}
+
 /// True for a `K` reply netstring.
 fn is_k(reply: &[u8]) -> bool {
     reply
@@ -88,15 +95,7 @@ fn only_queue_file(q: &TestQueue) -> QueueFile {
 #[test]
 fn listen_v1_header_names_the_client_for_access_logs_and_queue_file() {
     let q = TestQueue::new();
-    let s = Server::start(
-        &q,
-        &[
-            PROXY_ON[0],
-            PROXY_ON[1],
-            "-o",
-            "qmqpd_authorized_clients=192.0.2.0/24",
-        ],
-    );
+    let s = proxy_server(&q, &["-o", "qmqpd_authorized_clients=192.0.2.0/24"]);
     let reply = s.exchange(&with_request(v1("192.0.2.7", 56324)));
     assert!(is_k(&reply), "{}\n{}", text(&reply), q.log_text());
     let file = only_queue_file(&q);
@@ -121,15 +120,7 @@ fn listen_v1_header_names_the_client_for_access_logs_and_queue_file() {
 #[test]
 fn listen_v2_header_ipv6_client_and_local_command() {
     let q = TestQueue::new();
-    let s = Server::start(
-        &q,
-        &[
-            PROXY_ON[0],
-            PROXY_ON[1],
-            "-o",
-            "qmqpd_authorized_clients=[2001:db8::]/32",
-        ],
-    );
+    let s = proxy_server(&q, &["-o", "qmqpd_authorized_clients=[2001:db8::]/32"]);
     let reply = s.exchange(&with_request(v2_inet6("2001:db8::7", 40000)));
     assert!(is_k(&reply), "{}\n{}", text(&reply), q.log_text());
     assert_eq!(
@@ -147,7 +138,7 @@ fn listen_v2_header_ipv6_client_and_local_command() {
 #[test]
 fn listen_missing_or_malformed_header_gets_z_and_a_warning_naming_the_peer() {
     let q = TestQueue::new();
-    let s = Server::start(&q, &PROXY_ON);
+    let s = proxy_server(&q, &[]);
     let plain = s.exchange(&req());
     assert_eq!(text(&plain), "22:ZError: internal error,");
     let bad = s.exchange(&with_request(
@@ -179,15 +170,7 @@ fn listen_missing_or_malformed_header_gets_z_and_a_warning_naming_the_peer() {
 #[test]
 fn listen_peer_outside_upstream_proxy_clients_gets_z() {
     let q = TestQueue::new();
-    let s = Server::start(
-        &q,
-        &[
-            PROXY_ON[0],
-            PROXY_ON[1],
-            "-o",
-            "qmqpd_upstream_proxy_clients=192.0.2.1",
-        ],
-    );
+    let s = proxy_server(&q, &["-o", "qmqpd_upstream_proxy_clients=192.0.2.1"]);
     let reply = s.exchange(&with_request(v1("127.0.0.1", 1)));
     assert_eq!(text(&reply), "22:ZError: internal error,");
     assert!(q.files("new").is_empty());
@@ -201,15 +184,7 @@ fn listen_peer_outside_upstream_proxy_clients_gets_z() {
 #[test]
 fn listen_header_not_sent_in_time_gets_z() {
     let q = TestQueue::new();
-    let s = Server::start(
-        &q,
-        &[
-            PROXY_ON[0],
-            PROXY_ON[1],
-            "-o",
-            "qmqpd_upstream_proxy_timeout=1s",
-        ],
-    );
+    let s = proxy_server(&q, &["-o", "qmqpd_upstream_proxy_timeout=1s"]);
     let mut stream = s.connect();
     // Half a header, then silence.
     stream.write_all(b"PROXY TCP4 192.0.2").unwrap();
@@ -325,11 +300,9 @@ fn systemd_listener_reads_v1_and_v2_headers() {
 /// only that address for PROXY and authorizes only 127.0.0.1, the real client.
 fn haproxy_in_front(send_proxy: &str) {
     let q = TestQueue::new();
-    let s = Server::start(
+    let s = proxy_server(
         &q,
         &[
-            PROXY_ON[0],
-            PROXY_ON[1],
             "-o",
             "qmqpd_upstream_proxy_clients=127.0.0.9",
             "-o",
