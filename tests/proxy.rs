@@ -1,5 +1,6 @@
 //! The PROXY protocol in every mode: `--listen`, one connection on stdin (as tcpserver runs
-//! qmqpd), a systemd listener (systemd-socket-activate), and behind a real HAProxy on
+//! qmqpd), a systemd listener and systemd's one connection on fd 3
+//! (systemd-socket-activate), and behind a real HAProxy on
 //! loopback with `send-proxy` and `send-proxy-v2`. The header's address is the client for
 //! the access list, the logs and the queue file; a missing or malformed header, or a peer
 //! that may not send one, gets `Z` and a warning naming the real peer.
@@ -253,8 +254,8 @@ fn connect_retrying(addr: SocketAddr) -> TcpStream {
     }
 }
 
-#[test]
-fn systemd_listener_reads_v1_and_v2_headers() {
+/// systemd-socket-activate with `tool_args` in front of qmqpd: serves a v1 and a v2 header.
+fn socket_activated_reads_v1_and_v2_headers(tool_args: &[&str]) {
     let Some(tool) = require_tool("systemd-socket-activate") else {
         return;
     };
@@ -264,6 +265,7 @@ fn systemd_listener_reads_v1_and_v2_headers() {
         Command::new(tool)
             .arg("-l")
             .arg(addr.to_string())
+            .args(tool_args)
             .arg(qmqpd_bin())
             .args(q.args())
             .args(PROXY_ON)
@@ -294,6 +296,18 @@ fn systemd_listener_reads_v1_and_v2_headers() {
         );
     }
     assert_eq!(q.files("new").len(), 2);
+}
+
+#[test]
+fn systemd_listener_reads_v1_and_v2_headers() {
+    // Accept=no: qmqpd gets the listening socket.
+    socket_activated_reads_v1_and_v2_headers(&[]);
+}
+
+#[test]
+fn systemd_accept_yes_reads_v1_and_v2_headers() {
+    // Accept=yes: one qmqpd per connection, the connected socket on fd 3.
+    socket_activated_reads_v1_and_v2_headers(&["-a", "--fdname=connection"]);
 }
 
 /// HAProxy on loopback in front of qmqpd, connecting to it from 127.0.0.9: qmqpd trusts
