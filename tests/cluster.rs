@@ -2,7 +2,7 @@
 //! docs/scaling.md describes, with the HAProxy configuration of docs/haproxy.cfg).
 //!
 //! Six namespaces, `qcl-<pid>-*`: `lb` holds a bridge (192.0.2.10/24) and HAProxy; `h1`..`h3`
-//! (192.0.2.1-3) each run `qmqpd --listen :628` on a queue of their own, with
+//! (192.0.2.1-3; every namespace also has 2001:db8::N) each run `qmqpd --listen :628` on a queue of their own, with
 //! `qmqpd_upstream_proxy_protocol = haproxy` and the agent check on :8628, as user `nobody`;
 //! `ca` (192.0.2.50, the one authorized client) and `cd` (192.0.2.60, denied) run Postfix's
 //! qmqp-source and qmqpc against HAProxy (192.0.2.10:628, `send-proxy-v2`, `balance
@@ -40,6 +40,8 @@ const LIMIT: Duration = Duration::from_secs(120);
 /// How long HAProxy may take to see a change (checks every 500 ms, 2 to fall or rise).
 const CHECK_LIMIT: Duration = Duration::from_secs(30);
 const BALANCER: &str = "192.0.2.10";
+/// The balancer's IPv6 address: every namespace also has 2001:db8::N, N as in 192.0.2.N.
+const BALANCER6: &str = "2001:db8::10";
 const HOSTS: [(&str, &str); 3] = [
     ("h1", "192.0.2.1"),
     ("h2", "192.0.2.2"),
@@ -72,18 +74,12 @@ impl Namespaces {
         let lb = ns.name("lb");
         ip(&["netns", "add", &lb]);
         ns.made.push(lb.clone());
-        ip(&["-n", &lb, "link", "set", "lo", "up"]);
-        ip(&["-n", &lb, "link", "add", "br0", "type", "bridge"]);
-        ip(&[
-            "-n",
-            &lb,
-            "addr",
-            "add",
-            &format!("{BALANCER}/24"),
-            "dev",
-            "br0",
-        ]);
-        ip(&["-n", &lb, "link", "set", "br0", "up"]);
+        ip_in(&lb, "link set lo up");
+        ip_in(&lb, "link add br0 type bridge");
+        ip_in(&lb, &format!("addr add {BALANCER}/24 dev br0"));
+        // nodad: usable at once, not after duplicate address detection.
+        ip_in(&lb, &format!("addr add {BALANCER6}/64 dev br0 nodad"));
+        ip_in(&lb, "link set br0 up");
         for (short, addr) in HOSTS.iter().chain([&ALLOWED, &DENIED]) {
             let name = ns.name(short);
             ip(&["netns", "add", &name]);
@@ -93,18 +89,14 @@ impl Namespaces {
                 "link", "add", "eth0", "netns", &name, "type", "veth", "peer", "name", &port,
                 "netns", &lb,
             ]);
-            ip(&["-n", &lb, "link", "set", &port, "master", "br0", "up"]);
-            ip(&[
-                "-n",
+            ip_in(&lb, &format!("link set {port} master br0 up"));
+            ip_in(&name, &format!("addr add {addr}/24 dev eth0"));
+            ip_in(
                 &name,
-                "addr",
-                "add",
-                &format!("{addr}/24"),
-                "dev",
-                "eth0",
-            ]);
-            ip(&["-n", &name, "link", "set", "eth0", "up"]);
-            ip(&["-n", &name, "link", "set", "lo", "up"]);
+                &format!("addr add {}/64 dev eth0 nodad", v6_of(addr)),
+            );
+            ip_in(&name, "link set eth0 up");
+            ip_in(&name, "link set lo up");
         }
         ns
     }
@@ -127,6 +119,19 @@ impl Drop for Namespaces {
                 .status();
         }
     }
+}
+
+/// 2001:db8::N for 192.0.2.N.
+fn v6_of(addr: &str) -> String {
+    let last = addr.rsplit('.').next().unwrap_or_default();
+    format!("2001:db8::{last}")
+}
+
+/// Runs `ip -n NS WORDS...`; panics when it fails.
+fn ip_in(netns: &str, words: &str) {
+    let mut args = vec!["-n", netns];
+    args.extend(words.split_whitespace());
+    ip(&args);
 }
 
 /// Runs `ip ARGS`; panics when it fails.
@@ -182,7 +187,14 @@ impl Host {
             .args(["-o", "mail_owner=nobody", "-o", &agent])
             .args(["-o", "qmqpd_upstream_proxy_protocol=haproxy"])
             .args(["-o", &format!("qmqpd_upstream_proxy_clients={BALANCER}")])
-            .args(["-o", &format!("qmqpd_authorized_clients={}", ALLOWED.1)])
+            .args([
+                "-o",
+                &format!(
+                    "qmqpd_authorized_clients={}, [{}]",
+                    ALLOWED.1,
+                    v6_of(ALLOWED.1)
+                ),
+            ])
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -262,16 +274,14 @@ struct Sent {
 
 /// Sends message `n` with qmqpc from client namespace `client` through the balancer.
 fn qmqpc(ns: &Namespaces, client: &str, n: usize) -> Sent {
+    qmqpc_to(ns, client, &format!("{BALANCER}:628"), n)
+}
+
+/// Sends message `n` with qmqpc from client namespace `client` to `target`.
+fn qmqpc_to(ns: &Namespaces, client: &str, target: &str, n: usize) -> Sent {
     let out = run_bounded(
-        ns.exec(client, &qmqpc_bin()).args([
-            "-t",
-            "60",
-            "-s",
-            &format!("{BALANCER}:628"),
-            "-f",
-            SENDER,
-            RECIPIENT,
-        ]),
+        ns.exec(client, &qmqpc_bin())
+            .args(["-t", "60", "-s", target, "-f", SENDER, RECIPIENT]),
         format!("Subject: cluster message {n}\n\nbody {n}\n").as_bytes(),
         LIMIT,
     );
@@ -387,16 +397,38 @@ fn cluster_behind_haproxy_keeps_clients_and_mail() {
         "{}",
         denied.output
     );
+    //    Over IPv6 too: HAProxy's v2 header then carries an IPv6 client.
+    let sent6 = qmqpc_to(&ns, ALLOWED.0, &format!("[{BALANCER6}]:628"), 2);
+    assert!(sent6.queue_id.is_some(), "{}", sent6.output);
+    k_replies += 1;
+    let denied6 = qmqpc_to(&ns, DENIED.0, &format!("[{BALANCER6}]:628"), 3);
+    assert_eq!(denied6.code, Some(65), "{}", denied6.output);
+    assert!(
+        denied6
+            .output
+            .contains("unknown[2001:db8::60] is not authorized"),
+        "{}",
+        denied6.output
+    );
     let logs: String = hosts.iter().map(Host::log).collect();
+    assert!(
+        logs.contains("connect from unknown[2001:db8::50]"),
+        "{logs}"
+    );
     assert!(logs.contains("connect from unknown[192.0.2.50]"), "{logs}");
     assert!(logs.contains("connect from unknown[192.0.2.60]"), "{logs}");
-    let first = hosts
+    let mut clients: Vec<String> = hosts
         .iter()
         .flat_map(|h| h.queue.files("new"))
-        .map(|p| QueueFile::read(&p))
-        .next()
-        .expect("the allowed client's message");
-    assert_eq!(first.attribute("client_address"), Some(ALLOWED.1));
+        .map(|p| {
+            let file = QueueFile::read(&p);
+            file.attribute("client_address")
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    clients.sort();
+    assert_eq!(clients, [ALLOWED.1.to_owned(), v6_of(ALLOWED.1)]);
 
     // 2. leastconn spreads concurrent sessions over the three hosts.
     let before = counts(&hosts);
