@@ -5,11 +5,12 @@
 // std, `log`, `tempfile` and `qmqpd` (dependencies of both crates).
 //
 // A violated invariant panics, which libFuzzer records as a crash and `cargo test` as a
-// failure. The four checks:
+// failure. The five checks:
 //   check_netstring(data)        the netstring codec and the client's reply reader
 //   check_transaction(dir, data) one whole transaction over arbitrary bytes into a queue
 //   check_config(dir, data)      main.cf parsing, expansion and validation
 //   check_access(dir, data)      access-list (match list) parsing and matching
+//   check_proxy(data)            the PROXY v1/v2 header reader
 // `dir` is a scratch directory the check may fill and empties again.
 
 /// The longest text of one log line qmqpd writes, without its severity prefix.
@@ -816,6 +817,106 @@ pub fn check_access(dir: &std::path::Path, data: &[u8]) -> &'static str {
 
 /// A scratch directory for one fuzzing process: on /dev/shm when there is one (fsync costs
 /// nothing on tmpfs, so more executions per second), else the system's temporary directory.
+/// A reader over a byte slice that hands out at most `chunk` bytes a call and counts what
+/// was taken, so the PROXY reader is seen not to read past the header.
+struct CheckCounted<'a> {
+    data: &'a [u8],
+    pos: usize,
+    chunk: usize,
+}
+
+impl std::io::Read for CheckCounted<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let rest = &self.data[self.pos..];
+        let n = rest.len().min(buf.len()).min(self.chunk);
+        buf[..n].copy_from_slice(&rest[..n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// The PROXY header reader over arbitrary bytes: it takes at most one header's bytes (v1 at
+/// most 107, v2 at most 16 plus its cap), ends a v1 header exactly at its CRLF and a v2 one
+/// exactly at its declared length, gives the same answer whatever the read sizes, agrees
+/// with the whole-header parsers, and a TCP4 header prints back to the bytes it came from.
+pub fn check_proxy(data: &[u8]) -> &'static str {
+    use qmqpd::proxy::{self, Header, ProxyError};
+
+    let read = |chunk: usize| {
+        let mut rdr = CheckCounted {
+            data,
+            pos: 0,
+            chunk,
+        };
+        let result = proxy::read_header(&mut rdr);
+        (result, rdr.pos)
+    };
+    let (result, used) = read(usize::MAX);
+    let (again, used_again) = read(1 + data.len() % 7);
+    assert_eq!(used, used_again, "the read sizes changed how much was read");
+    assert_eq!(
+        format!("{result:?}"),
+        format!("{again:?}"),
+        "the read sizes changed the answer"
+    );
+    assert!(used <= 16 + proxy::V2_MAX_LEN, "read {used} bytes");
+    let header = &data[..used];
+    let is_v2 = header.starts_with(&proxy::V2_SIGNATURE);
+    if !is_v2 {
+        assert!(used <= proxy::V1_MAX_LEN, "read {used} bytes of a v1 header");
+    }
+    let header_ok = match &result {
+        Err(e) => {
+            let text = e.to_string();
+            assert!(!text.is_empty() && text.len() <= CHECK_LINE_LIMIT, "{text:?}");
+            match e {
+                ProxyError::Eof => assert_eq!(used, data.len(), "Eof before the end"),
+                ProxyError::Closed => assert!(data.is_empty(), "Closed with input"),
+                ProxyError::Missing { .. } => assert!(used <= 12),
+                _ => {}
+            }
+            return "error";
+        }
+        Ok(h) => h,
+    };
+    if is_v2 {
+        let [_, _, hi, lo] = header[12..16] else {
+            panic!("a v2 header of {used} bytes");
+        };
+        assert_eq!(used, 16 + usize::from(u16::from_be_bytes([hi, lo])));
+        assert_eq!(&proxy::parse_v2(header).expect("parse_v2 of a read header"), header_ok);
+    } else {
+        assert!(header.ends_with(b"\r\n"), "a v1 header not ending in CRLF");
+        assert_eq!(
+            header.iter().filter(|&&b| b == b'\n').count(),
+            1,
+            "a v1 header with more than one line"
+        );
+        assert_eq!(&proxy::parse_v1(header).expect("parse_v1 of a read header"), header_ok);
+    }
+    match header_ok {
+        Header::Proxied {
+            version: 1,
+            source,
+            destination,
+        } if source.is_ipv4() => {
+            let line = format!(
+                "PROXY TCP4 {} {} {} {}\r\n",
+                source.ip(),
+                destination.ip(),
+                source.port(),
+                destination.port()
+            );
+            assert_eq!(line.as_bytes(), header, "TCP4 header does not print back");
+            "v1"
+        }
+        Header::Proxied { version: 1, .. } => "v1",
+        Header::Proxied { .. } => "v2",
+        Header::Local => "local",
+        Header::Unknown { .. } => "unknown",
+    }
+}
+
 /// libFuzzer exits without running destructors, so it stays behind; its name starts with
 /// `qmqpd-fuzz.`. (Unused by the replay, which gives each input a directory of its own.)
 #[allow(dead_code)]

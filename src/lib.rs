@@ -10,9 +10,11 @@
 //! # Layout
 //! - `program`: what the three programs share: exit statuses, `-v` levels, the stop signal
 //! - `listen`: where connections come from (stdin/stdout, `--listen`, systemd sockets)
+//! - `agent`: HAProxy's agent check: is this host's queue fit for new mail
 //! - `server`: one connection from identification to reply, and the accept loop
 //! - `peer`: who the client is
 //! - `access`: Postfix match lists (`qmqpd_authorized_clients`, `debug_peer_list`)
+//! - `proxy`: the PROXY protocol header (v1, v2) a balancer sends before the request
 //! - `session`: one QMQP transaction over any `Read + Write`
 //! - `netstring`: bounded netstring codec over `Read`/`Write`
 //! - `message`: our Received: header, the From_ line, hop count and Message-ID
@@ -34,6 +36,7 @@
 )]
 
 pub mod access;
+pub mod agent;
 pub mod client;
 pub mod config;
 pub mod date;
@@ -44,6 +47,7 @@ mod message;
 pub mod netstring;
 pub mod peer;
 pub mod program;
+pub mod proxy;
 pub mod queue;
 pub mod reply;
 pub mod server;

@@ -22,6 +22,7 @@ use crate::config::Params;
 use crate::listen::Listener;
 use crate::peer::{self, Client, LaunchEnv, NameCache, Resolver, SocketPeer, SystemResolver};
 use crate::program::Stop;
+use crate::proxy::{self, Header};
 use crate::queue::Queue;
 use crate::reply::{Rejection, Reply};
 use crate::session::{self, CutOff, End, Outcome, Transaction};
@@ -51,6 +52,8 @@ pub struct Service {
     pub(crate) params: Params,
     pub(crate) clients: MatchList,
     pub(crate) debug_peers: MatchList,
+    /// The peers that may send a PROXY header (`qmqpd_upstream_proxy_clients`).
+    pub(crate) proxy_clients: MatchList,
     pub(crate) queue: Queue,
     pub(crate) env: LaunchEnv,
     /// Where client names come from when the launcher gave none.
@@ -89,7 +92,16 @@ impl Service {
         let clients =
             MatchList::parse("qmqpd_authorized_clients", &params.qmqpd_authorized_clients)?;
         let debug_peers = MatchList::parse("debug_peer_list", &params.debug_peer_list)?;
-        for warning in clients.warnings().iter().chain(debug_peers.warnings()) {
+        let proxy_clients = MatchList::parse(
+            "qmqpd_upstream_proxy_clients",
+            &params.qmqpd_upstream_proxy_clients,
+        )?;
+        for warning in clients
+            .warnings()
+            .iter()
+            .chain(debug_peers.warnings())
+            .chain(proxy_clients.warnings())
+        {
             log::warn!("{warning}");
         }
         let queue = Queue::new(&params.queue_directory, &params.myhostname);
@@ -98,6 +110,7 @@ impl Service {
             params,
             clients,
             debug_peers,
+            proxy_clients,
             queue,
             env,
             resolver: Arc::new(SystemResolver),
@@ -131,6 +144,24 @@ impl Connection {
             rd: File::from(fd),
             wr,
         })
+    }
+
+    /// The read side with one overall time limit, for the PROXY header.
+    fn rd_timed(&self, limit: Duration) -> Timed<'_> {
+        let now = Instant::now();
+        Timed {
+            file: &self.rd,
+            timeout: limit,
+            deadline: now.checked_add(limit).unwrap_or(now),
+            stress: None,
+            cut_off: None,
+        }
+    }
+
+    /// True when the connection is a socket (connected or not any more), not a pipe.
+    fn is_socket(&self) -> bool {
+        nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(self.rd.as_raw_fd())
+            .is_ok()
     }
 
     /// Who is at the other end, according to the descriptor.
@@ -210,6 +241,68 @@ impl Write for Timed<'_> {
     }
 }
 
+/// The client a balancer's PROXY header names, read from `rdr`; `real` is the connection's
+/// own peer. A peer not in `qmqpd_upstream_proxy_clients`, or a missing or malformed header,
+/// is logged with the real peer and refused (the caller answers `Z`: a misconfigured
+/// balancer must not bounce mail).
+fn proxied_client(
+    svc: &Service,
+    mut rdr: Timed<'_>,
+    real: Client,
+    is_socket: bool,
+) -> Result<Client, ()> {
+    if real.addr.is_none() && is_socket {
+        // A socket without a peer: reset before we looked (a balancer's plain TCP check).
+        log::info!(
+            "{}: lost connection before the PROXY header",
+            real.namaddr()
+        );
+        return Err(());
+    }
+    if !svc.proxy_clients.matches(None, real.addr) {
+        log::warn!(
+            "{}: not in qmqpd_upstream_proxy_clients: refusing a connection that must start \
+             with a PROXY header",
+            real.namaddr()
+        );
+        return Err(());
+    }
+    match proxy::read_header(&mut rdr) {
+        Ok(Header::Proxied {
+            version, source, ..
+        }) => {
+            let mut client = Client::at(source.ip(), Some(source.port()));
+            client.port_logging = real.port_logging;
+            log::debug!(
+                "{}: PROXY v{version} header: client {}",
+                real.namaddr(),
+                client.namaddr()
+            );
+            Ok(client)
+        }
+        Ok(Header::Local) => {
+            log::debug!("{}: PROXY v2 LOCAL: keeping the real peer", real.namaddr());
+            Ok(real)
+        }
+        Ok(Header::Unknown { version, family }) => {
+            log::info!(
+                "{}: PROXY v{version} header with address family {family}: keeping the real peer",
+                real.namaddr()
+            );
+            Ok(real)
+        }
+        // Connected and gone without a byte: a health check, not a misconfiguration.
+        Err(e @ proxy::ProxyError::Closed) => {
+            log::info!("{}: {e}", real.namaddr());
+            Err(())
+        }
+        Err(e) => {
+            log::warn!("{}: {e}", real.namaddr());
+            Err(())
+        }
+    }
+}
+
 /// Serves one connection: identify, check access, run the transaction, close cleanly.
 pub fn serve_connection(svc: &Service, conn: Connection) -> Outcome {
     let params = &svc.params;
@@ -218,6 +311,20 @@ pub fn serve_connection(svc: &Service, conn: Connection) -> Outcome {
         .checked_add(params.daemon_timeout)
         .unwrap_or(started + Duration::from_secs(86400 * 365));
     let mut client = peer::identify(&svc.env, conn.peer(), params.qmqpd_client_port_logging);
+    if params.qmqpd_upstream_proxy_protocol {
+        let rdr = conn.rd_timed(params.qmqpd_upstream_proxy_timeout);
+        match proxied_client(svc, rdr, client, conn.is_socket()) {
+            Ok(proxied) => client = proxied,
+            Err(()) => {
+                let reply = Reply::Rejected(Rejection::Internal);
+                refuse(&conn, &reply);
+                return Outcome {
+                    end: End::Replied(reply),
+                    request_read: false,
+                };
+            }
+        }
+    }
     if params.qmqpd_peername_lookup
         && !client.name_verified
         && let Some(addr) = client.addr
@@ -656,6 +763,21 @@ mod tests {
         (outcome, reply)
     }
 
+    /// Asserts that `reply` is a K and returns the text of the first file in `dir`/new.
+    fn queued_text(dir: &std::path::Path, reply: &[u8]) -> String {
+        assert!(
+            reply.starts_with(b"33:KOk: queued as "),
+            "{}",
+            String::from_utf8_lossy(reply)
+        );
+        let new = std::fs::read_dir(dir.join("new"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        String::from_utf8(std::fs::read(new.path()).unwrap()).unwrap()
+    }
+
     #[test]
     fn reply_on_panic_answers_z_and_counts_as_local_failure() {
         let mut out = Vec::new();
@@ -675,18 +797,7 @@ mod tests {
             Duration::ZERO,
             Duration::from_secs(30),
         );
-        let (_, reply) = exchange(&svc, REQUEST);
-        assert!(
-            reply.starts_with(b"33:KOk: queued as "),
-            "{}",
-            String::from_utf8_lossy(&reply)
-        );
-        let new = std::fs::read_dir(dir.path().join("new"))
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap();
-        let text = String::from_utf8(std::fs::read(new.path()).unwrap()).unwrap();
+        let text = queued_text(dir.path(), &exchange(&svc, REQUEST).1);
         assert!(
             text.contains("Received: from client.example.com (client.example.com [127.0.0.1])"),
             "{text}"
@@ -724,5 +835,55 @@ mod tests {
             reply,
             b"64:DError: unknown[127.0.0.1] is not authorized to use this service,"
         );
+    }
+
+    fn proxy_service(dir: &std::path::Path, proxy_clients: &str) -> Service {
+        let params = Params {
+            queue_directory: dir.to_path_buf(),
+            qmqpd_error_delay: Duration::ZERO,
+            qmqpd_authorized_clients: "192.0.2.0/24".into(),
+            qmqpd_peername_lookup: false,
+            qmqpd_upstream_proxy_protocol: true,
+            qmqpd_upstream_proxy_clients: proxy_clients.into(),
+            myhostname: "mx.example".into(),
+            ..Params::default()
+        };
+        Service::new(params, LaunchEnv::default()).unwrap()
+    }
+
+    #[test]
+    fn serve_connection_takes_the_client_from_the_proxy_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = proxy_service(dir.path(), "127.0.0.0/8");
+        let mut request = b"PROXY TCP4 192.0.2.7 203.0.113.1 56324 628\r\n".to_vec();
+        request.extend_from_slice(REQUEST);
+        let text = queued_text(dir.path(), &exchange(&svc, &request).1);
+        assert!(text.contains("(unknown [192.0.2.7])"), "{text}");
+        // Without the header the real peer (127.0.0.1) would be denied; with a v2 LOCAL
+        // header it is the client and is denied as such.
+        let mut local = proxy::V2_SIGNATURE.to_vec();
+        local.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
+        local.extend_from_slice(REQUEST);
+        let (_, reply) = exchange(&svc, &local);
+        assert_eq!(
+            reply,
+            b"64:DError: unknown[127.0.0.1] is not authorized to use this service,"
+        );
+    }
+
+    #[test]
+    fn serve_connection_answers_z_without_a_valid_proxy_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = proxy_service(dir.path(), "127.0.0.0/8");
+        let (outcome, reply) = exchange(&svc, REQUEST);
+        assert_eq!(reply, b"22:ZError: internal error,");
+        assert!(outcome.local_failure());
+        // A peer that may not speak PROXY is refused even with a well-formed header.
+        let svc = proxy_service(dir.path(), "192.0.2.1");
+        let mut request = b"PROXY TCP4 192.0.2.7 203.0.113.1 56324 628\r\n".to_vec();
+        request.extend_from_slice(REQUEST);
+        let (_, reply) = exchange(&svc, &request);
+        assert_eq!(reply, b"22:ZError: internal error,");
+        assert!(std::fs::read_dir(dir.path().join("new")).map_or(true, |mut d| d.next().is_none()));
     }
 }

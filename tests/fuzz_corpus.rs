@@ -121,3 +121,9 @@ fn corpus_access_holds_invariants() {
     let kinds = replay("access", check_access);
     assert_eq!(kinds, ["error", "parsed"]);
 }
+
+#[test]
+fn corpus_proxy_holds_invariants() {
+    let kinds = replay("proxy", |_, data| check_proxy(data));
+    assert_eq!(kinds, ["error", "local", "unknown", "v1", "v2"]);
+}

@@ -18,6 +18,7 @@ use std::time::SystemTime;
 use anyhow::{Context, anyhow};
 use nix::unistd::{Uid, User};
 
+use qmqpd::agent::{self, Thresholds};
 use qmqpd::config::{self, Config, Source};
 use qmqpd::listen::{self, Incoming, Listener};
 use qmqpd::logging::{self, LogSetup};
@@ -131,6 +132,25 @@ fn run() -> u8 {
         Ok(incoming) => incoming,
         Err(e) => return fail_logged(&e, &waiting),
     };
+    // Sockets are bound before giving up root (QMQP's port 628 is privileged).
+    let self_bound = matches!(incoming, Incoming::Addresses(_));
+    let bound = incoming.bind();
+    let agent = match (&bound, cfg.params.qmqpd_agent_check_listen.as_str()) {
+        (_, "") => None,
+        (Some(Ok(_)), addr) => match std::net::TcpListener::bind(addr) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                return fail_logged(
+                    &format!("cannot listen on {addr} (qmqpd_agent_check_listen): {e}"),
+                    &waiting,
+                );
+            }
+        },
+        (_, _) => {
+            log::debug!("qmqpd_agent_check_listen is ignored when serving one connection");
+            None
+        }
+    };
     if let Err(e) = switch_user(&cfg.params.mail_owner) {
         return fail_logged(&format!("{e:#}"), &waiting);
     }
@@ -147,9 +167,8 @@ fn run() -> u8 {
             return fail_logged(&format!("cannot set up signal handling: {e}"), &waiting);
         }
     };
-    let self_bound = matches!(incoming, Incoming::Addresses(_));
-    match (incoming.bind(), waiting) {
-        (Some(Ok(listeners)), _) => serve_listeners(svc, &listeners, self_bound, &stop),
+    match (bound, waiting) {
+        (Some(Ok(listeners)), _) => serve_listeners(svc, &listeners, agent, self_bound, &stop),
         (Some(Err(e)), waiting) => fail_logged(&e, &waiting),
         // The waiting client is the connection on stdin/stdout or the passed socket.
         (None, Waiting::Client(conn)) => {
@@ -184,7 +203,13 @@ fn exit_status(outcome: &Outcome) -> u8 {
     }
 }
 
-fn serve_listeners(mut svc: Service, listeners: &[Listener], self_bound: bool, stop: &Stop) -> u8 {
+fn serve_listeners(
+    mut svc: Service,
+    listeners: &[Listener],
+    agent: Option<std::net::TcpListener>,
+    self_bound: bool,
+    stop: &Stop,
+) -> u8 {
     remove_stale_tmp(&svc);
     match Stop::new() {
         Ok(cut_off) => svc.cut_off_by(cut_off),
@@ -200,6 +225,20 @@ fn serve_listeners(mut svc: Service, listeners: &[Listener], self_bound: bool, s
     };
     for l in listeners {
         log::info!("listening on {l}");
+    }
+    if let Some(agent) = agent {
+        let thresholds = Thresholds {
+            min_free_bytes: params.qmqpd_agent_check_minfree,
+            min_free_inodes: params.qmqpd_agent_check_mininodes,
+        };
+        let addr = params.qmqpd_agent_check_listen.clone();
+        if let Err(e) = agent::spawn(agent, svc.queue().dir().to_path_buf(), thresholds) {
+            return fail_logged(
+                &format!("cannot start the agent check on {addr}: {e}"),
+                &Waiting::Nobody,
+            );
+        }
+        log::info!("answering HAProxy agent checks on {addr}");
     }
     match server::run_listeners(Arc::new(svc), listeners, limits, stop) {
         Ok(served) => {

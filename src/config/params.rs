@@ -11,7 +11,7 @@ use super::ConfigError;
 use super::expand::Resolver;
 use super::value::{
     boolean, content_filter, hostname, level, non_empty, number, override_options, path,
-    syslog_facility, text, time,
+    socket_address_or_empty, syslog_facility, text, time, upstream_proxy_protocol,
 };
 
 /// A parameter's built-in default.
@@ -76,6 +76,18 @@ parameters! {
     qmqpd_client_port_logging: bool = Fixed("no"), boolean;
     /// Look up the client's name in DNS.
     qmqpd_peername_lookup: bool = Fixed("yes"), boolean;
+    /// Every connection starts with a PROXY header (`haproxy`), or none does (empty).
+    qmqpd_upstream_proxy_protocol: bool = Fixed(""), upstream_proxy_protocol;
+    /// Raw (expanded) match list of the peers that may send a PROXY header.
+    qmqpd_upstream_proxy_clients: String = Fixed("127.0.0.0/8, [::1]/128"), text;
+    /// Limit for reading the PROXY header (> 0).
+    qmqpd_upstream_proxy_timeout: Duration = Fixed("5s"), time(1);
+    /// Empty, or `addr:port` where the listener answers HAProxy's agent check.
+    qmqpd_agent_check_listen: String = Fixed(""), socket_address_or_empty;
+    /// Free bytes on the queue file system below which the agent check answers `drain`.
+    qmqpd_agent_check_minfree: u64 = Fixed("104857600"), number(0);
+    /// Free inodes on the queue file system below which the agent check answers `drain`.
+    qmqpd_agent_check_mininodes: u64 = Fixed("10000"), number(0);
     /// Largest request in bytes, envelope included; 0 means no limit (see [`Params::size_limit`]).
     message_size_limit: u64 = Fixed("10240000"), number(0);
     /// Longest sender or recipient (>= 1).

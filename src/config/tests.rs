@@ -694,3 +694,22 @@ fn load_error_names_file_and_line() {
         )
     );
 }
+
+#[test]
+fn params_upstream_proxy_and_agent_check() {
+    let p = Params::default();
+    assert!(!p.qmqpd_upstream_proxy_protocol);
+    assert_eq!(p.qmqpd_upstream_proxy_timeout, Duration::from_secs(5));
+    assert_eq!(p.qmqpd_agent_check_listen, "");
+    let p = params(
+        "qmqpd_upstream_proxy_protocol = haproxy\nqmqpd_upstream_proxy_timeout = 2s\n\
+         qmqpd_agent_check_listen = [2001:db8::1]:8628\nqmqpd_agent_check_minfree = 0\n",
+    );
+    assert!(p.qmqpd_upstream_proxy_protocol);
+    assert_eq!(p.qmqpd_upstream_proxy_timeout, Duration::from_secs(2));
+    assert_eq!(p.qmqpd_agent_check_listen, "[2001:db8::1]:8628");
+    assert_eq!(p.qmqpd_agent_check_minfree, 0);
+    assert!(error("qmqpd_upstream_proxy_protocol = nginx\n").contains("haproxy"));
+    assert!(error("qmqpd_upstream_proxy_timeout = 0\n").contains("greater than zero"));
+    assert!(error("qmqpd_agent_check_listen = localhost:80\n").contains("address:port"));
+}

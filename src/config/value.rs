@@ -53,6 +53,24 @@ pub(crate) fn time(min_secs: u64) -> impl Fn(&str) -> Result<Duration, Reason> {
     }
 }
 
+/// `qmqpd_upstream_proxy_protocol`: empty (off) or `haproxy` (PROXY v1 or v2, detected).
+pub(crate) fn upstream_proxy_protocol(value: &str) -> Result<bool, Reason> {
+    match value.trim() {
+        "" => Ok(false),
+        "haproxy" => Ok(true),
+        _ => Err("expected empty or \"haproxy\"".into()),
+    }
+}
+
+/// Empty (off) or a numeric `address:port` (`qmqpd_agent_check_listen`).
+pub(crate) fn socket_address_or_empty(value: &str) -> Result<String, Reason> {
+    let trimmed = value.trim();
+    if trimmed.is_empty() || trimmed.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(trimmed.to_owned());
+    }
+    Err("expected empty or a numeric address:port".into())
+}
+
 /// `yes` or `no`, in any case.
 pub(crate) fn boolean(value: &str) -> Result<bool, Reason> {
     if value.eq_ignore_ascii_case("yes") {
