@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use common::{TestQueue, describe, qmqpd_bin, stdin_qmqpd, text};
 use qmqpd::program::EX_CONFIG;
+use qmqpd::reply::Status;
 
 /// A safety net for every child: never expected to fire.
 const LIMIT: Duration = Duration::from_secs(60);
@@ -211,4 +212,37 @@ impl Drop for ChildGuard<'_> {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Started as root with an unprivileged `mail_owner`, `--listen` binds QMQP's privileged
+/// port before giving up root (binding after the switch fails with EACCES).
+#[test]
+fn listen_binds_a_privileged_port_before_switching_to_mail_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: binding a port below 1024 as root needs root");
+        return;
+    }
+    let Some(nobody) = nix::unistd::User::from_name("nobody").unwrap() else {
+        eprintln!("skipped: no user nobody to switch to");
+        return;
+    };
+    // A free port below 1024 on loopback (QMQP's own 628 may be in use by another test).
+    let Some(port) = (600..1024).find(|p| TcpListener::bind(("127.0.0.1", *p)).is_ok()) else {
+        eprintln!("skipped: no free port below 1024 on 127.0.0.1");
+        return;
+    };
+    let q = TestQueue::new();
+    // nobody must reach and write the queue; the log is opened while still root.
+    std::fs::set_permissions(q.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    nix::unistd::chown(&q.queue_dir(), Some(nobody.uid), Some(nobody.gid)).unwrap();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let server = common::Server::start_on(&q, addr, &["-o", "mail_owner=nobody"]);
+    let reply = server.send(b"Subject: x\n\nx\n", b"a@example.org", &[b"b@example.org"]);
+    assert_eq!(
+        reply.status,
+        Status::Ok,
+        "reply {reply:?}; log:\n{}",
+        q.log_text()
+    );
 }
