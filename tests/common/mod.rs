@@ -6,6 +6,7 @@
 //! `QMQPD_REQUIRE_INTEROP=1` (as `.ci/run` sets).
 #![allow(dead_code)]
 
+pub mod lazyfs;
 pub mod postfix;
 
 use std::io::{Read, Write};
