@@ -27,12 +27,14 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::lazyfs::LazyFs;
+use common::lazyfs::{Crashed, LazyFs};
 use common::{
     InteropTool, TestQueue, describe, free_port, interop_tool, qmqpc_bin, qmqpd_bin, require_tool,
     run_bounded, stdin_qmqpd, text,
 };
 
+/// Attempts of a run whose LazyFS crashed (see `Crashed`).
+const LAZYFS_ATTEMPTS: usize = 3;
 /// Cache of each LazyFS mount: what the load writes between two power cuts fits easily.
 const CACHE_MB: u32 = 512;
 /// Power cuts at random moments during the load of one run (one more follows the load).
@@ -527,37 +529,47 @@ fn run_source_client(load: Arc<Load>, tool: &InteropTool, tag: String) {
     }
 }
 
-/// Starts the client threads: QMQPC_CLIENTS qmqpc loops and one qmqp-source loop.
-fn start_clients(
-    load: &Arc<Load>,
-    source: Option<&InteropTool>,
-    tag: &str,
-    rng: &mut Rng,
-) -> Vec<thread::JoinHandle<()>> {
-    let mut clients = Vec::new();
-    for i in 0..QMQPC_CLIENTS {
-        let (load, tag, rng) = (Arc::clone(load), format!("{tag}c{i}"), rng.fork(i as u64));
-        clients.push(thread::spawn(move || run_qmqpc_client(load, tag, rng)));
-    }
-    if let Some(tool) = source {
-        let (load, tool, tag) = (
-            Arc::clone(load),
-            InteropTool {
-                path: tool.path.clone(),
-                root: tool.root.clone(),
-            },
-            format!("{tag}src"),
-        );
-        clients.push(thread::spawn(move || run_source_client(load, &tool, tag)));
-    }
-    clients
+/// The running client threads; Drop (also on a failure) stops them and waits for them.
+struct Clients {
+    load: Arc<Load>,
+    threads: Vec<thread::JoinHandle<()>>,
 }
 
-/// Tells the clients to stop and waits for them (each finishes the run it is in).
-fn stop_clients(load: &Load, clients: Vec<thread::JoinHandle<()>>) {
-    load.stop.store(true, Ordering::SeqCst);
-    for client in clients {
-        client.join().expect("a client thread panicked");
+impl Clients {
+    /// Starts QMQPC_CLIENTS qmqpc loops and, with `source`, one qmqp-source loop.
+    fn start(load: &Arc<Load>, source: Option<&InteropTool>, tag: &str, rng: &mut Rng) -> Clients {
+        let mut threads = Vec::new();
+        for i in 0..QMQPC_CLIENTS {
+            let (load, tag, rng) = (Arc::clone(load), format!("{tag}c{i}"), rng.fork(i as u64));
+            threads.push(thread::spawn(move || run_qmqpc_client(load, tag, rng)));
+        }
+        if let Some(tool) = source {
+            let (load, tag) = (Arc::clone(load), format!("{tag}src"));
+            let tool = InteropTool {
+                path: tool.path.clone(),
+                root: tool.root.clone(),
+            };
+            threads.push(thread::spawn(move || run_source_client(load, &tool, tag)));
+        }
+        Clients {
+            load: Arc::clone(load),
+            threads,
+        }
+    }
+
+    /// Tells the clients to stop and waits for them (each finishes the run it is in).
+    fn stop(&mut self) {
+        self.load.stop.store(true, Ordering::SeqCst);
+        for client in self.threads.drain(..) {
+            let ok = client.join().is_ok();
+            assert!(ok || thread::panicking(), "a client thread panicked");
+        }
+    }
+}
+
+impl Drop for Clients {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -845,89 +857,122 @@ fn queue_on(fs: &LazyFs) -> TestQueue {
     q
 }
 
-/// One run: qmqpd in `mode` with commit `method`, the load, CUTS power cuts during it and
-/// one after it, then the check.
+/// Runs `run` on a fresh LazyFS mount, again on a new one when LazyFS itself crashed (a
+/// void run, not a verdict: see `Crashed`), at most LAZYFS_ATTEMPTS times. None when
+/// LazyFS or FUSE is missing (skipped).
+fn on_lazyfs(label: &str, mut run: impl FnMut(&mut LazyFs) -> Result<(), Crashed>) -> Option<()> {
+    let mut crashes = Vec::new();
+    for attempt in 1..=LAZYFS_ATTEMPTS {
+        let mut fs = LazyFs::mount(CACHE_MB)?;
+        match run(&mut fs) {
+            Ok(()) => return Some(()),
+            Err(Crashed(why)) => {
+                eprintln!("{label}: attempt {attempt} void, LazyFS crashed: {why}");
+                crashes.push(why);
+            }
+        }
+    }
+    panic!(
+        "{label}: LazyFS crashed in all {LAZYFS_ATTEMPTS} attempts:\n{}",
+        crashes.join("\n")
+    );
+}
+
+/// The power-loss runs of one server mode: one for each commit method.
 fn power_cuts_in_mode(mode: Mode) {
     let Some(tools) = Tools::find(mode) else {
         return;
     };
     for method in commit_methods() {
-        let Some(mut fs) = LazyFs::mount(CACHE_MB) else {
+        let label = format!("{mode:?}, commit {}", method.unwrap_or("tmp/ + rename"));
+        let done = on_lazyfs(&label, |fs| power_cuts_once(fs, &tools, mode, method));
+        if done.is_none() {
             return;
-        };
-        let tmpfile = o_tmpfile_support(&fs.mnt());
-        let label = match (method, &tmpfile) {
-            (None, _) => format!("{mode:?}, commit tmp/ + rename"),
-            (Some("auto"), Err(e)) => format!("{mode:?}, commit auto (tmp/ + rename: {e})"),
-            (Some(m), _) => format!("{mode:?}, commit {m}"),
-        };
-        if let (Some("linkat"), Err(e)) = (method, &tmpfile) {
-            // Without O_TMPFILE the linkat path cannot run on LazyFS at all: its
-            // durability is checked by the call-order test (strace) instead.
-            eprintln!(
-                "{label}: not run: LazyFS has no O_TMPFILE ({e}); the call-order test covers linkat"
-            );
-            continue;
         }
-        let q = queue_on(&fs);
-        let mut args = q.args();
-        if let Some(m) = method {
-            args.extend(["-o".to_owned(), format!("queue_commit_method={m}")]);
-        }
-        let mut rng = Rng::from_env();
-        let load = Load::new();
-        let (mut server, addr) = start_server(&tools, mode, &args, fs.scratch(), 0);
-        load.set_addr(Some(addr));
-        let started = Instant::now();
-        let clients = start_clients(&load, Some(&tools.source), &format!("{mode:?}"), &mut rng);
-        for cut in 1..=CUTS {
-            thread::sleep(Duration::from_millis(
-                rng.between(CUT_EVERY_MS.0, CUT_EVERY_MS.1),
-            ));
-            load.set_addr(None);
-            server.power_off();
-            fs.clear_cache();
-            let (s, addr) = start_server(&tools, mode, &args, fs.scratch(), cut);
-            server = s;
-            load.set_addr(Some(addr));
-        }
+    }
+}
+
+/// One run: qmqpd in `mode` with commit `method` on `fs`, the load, CUTS power cuts during
+/// it and one after it, then the check.
+fn power_cuts_once(
+    fs: &mut LazyFs,
+    tools: &Tools,
+    mode: Mode,
+    method: Option<&str>,
+) -> Result<(), Crashed> {
+    let tmpfile = o_tmpfile_support(&fs.mnt());
+    let label = match (method, &tmpfile) {
+        (None, _) => format!("{mode:?}, commit tmp/ + rename"),
+        (Some("auto"), Err(e)) => format!("{mode:?}, commit auto (tmp/ + rename: {e})"),
+        (Some(m), _) => format!("{mode:?}, commit {m}"),
+    };
+    if let (Some("linkat"), Err(e)) = (method, &tmpfile) {
+        // Without O_TMPFILE the linkat path cannot run on LazyFS at all: its durability
+        // is checked by the call-order test (strace) instead.
+        eprintln!(
+            "{label}: not run: LazyFS has no O_TMPFILE ({e}); the call-order test covers linkat"
+        );
+        return Ok(());
+    }
+    let q = queue_on(fs);
+    let mut args = q.args();
+    if let Some(m) = method {
+        args.extend(["-o".to_owned(), format!("queue_commit_method={m}")]);
+    }
+    let mut rng = Rng::from_env();
+    let load = Load::new();
+    let (mut server, addr) = start_server(tools, mode, &args, fs.scratch(), 0);
+    load.set_addr(Some(addr));
+    let started = Instant::now();
+    let mut clients = Clients::start(&load, Some(&tools.source), &format!("{mode:?}"), &mut rng);
+    for cut in 1..=CUTS {
         thread::sleep(Duration::from_millis(
             rng.between(CUT_EVERY_MS.0, CUT_EVERY_MS.1),
         ));
-        stop_clients(&load, clients);
         load.set_addr(None);
         server.power_off();
-        fs.clear_cache();
-        let sent = load.sent.lock().unwrap().clone();
-        let runs = load.runs.lock().unwrap().clone();
-        let v = check_queue(&fs.disk().join("queue"), &sent, &runs);
-        eprintln!(
-            "{label}: {} power cuts in {:.1} s; {} qmqpc messages sent, {} acknowledged and checked \
-             byte for byte; {} qmqp-source runs, {} acknowledged; {} files in new/ and cur/ \
-             ({} committed without a K reaching the client); {} tmp/ leftovers",
-            fs.cuts(),
-            started.elapsed().as_secs_f64(),
-            sent.len(),
-            v.acked,
-            runs.len(),
-            v.source_acked,
-            v.files,
-            v.unacked_kept,
-            v.tmp.len()
-        );
-        assert!(
-            v.problems.is_empty(),
-            "{label}: the queue broke its promise:\n{}\nlog:\n{}",
-            v.problems.join("\n"),
-            q.log_text()
-        );
-        assert!(
-            v.acked > 0 && v.source_acked > 0,
-            "{label}: the load got no K at all:\n{}",
-            q.log_text()
-        );
-        assert_later_run_cleans_tmp(&q, &fs, &v.tmp);
+        fs.clear_cache()?;
+        let (s, addr) = start_server(tools, mode, &args, fs.scratch(), cut);
+        server = s;
+        load.set_addr(Some(addr));
     }
+    thread::sleep(Duration::from_millis(
+        rng.between(CUT_EVERY_MS.0, CUT_EVERY_MS.1),
+    ));
+    clients.stop();
+    load.set_addr(None);
+    server.power_off();
+    fs.clear_cache()?;
+    let sent = load.sent.lock().unwrap().clone();
+    let runs = load.runs.lock().unwrap().clone();
+    let v = check_queue(&fs.disk().join("queue"), &sent, &runs);
+    eprintln!(
+        "{label}: {} power cuts in {:.1} s; {} qmqpc messages sent, {} acknowledged and \
+         checked byte for byte; {} qmqp-source runs, {} acknowledged; {} files in new/ and \
+         cur/ ({} committed without a K reaching the client); {} tmp/ leftovers",
+        fs.cuts(),
+        started.elapsed().as_secs_f64(),
+        sent.len(),
+        v.acked,
+        runs.len(),
+        v.source_acked,
+        v.files,
+        v.unacked_kept,
+        v.tmp.len()
+    );
+    assert!(
+        v.problems.is_empty(),
+        "{label}: the queue broke its promise:\n{}\nlog:\n{}",
+        v.problems.join("\n"),
+        q.log_text()
+    );
+    assert!(
+        v.acked > 0 && v.source_acked > 0,
+        "{label}: the load got no K at all:\n{}",
+        q.log_text()
+    );
+    assert_later_run_cleans_tmp(&q, fs, &v.tmp);
+    Ok(())
 }
 
 #[test]
@@ -1008,7 +1053,9 @@ fn rename_before_fsync_loses_data_and_the_check_catches_it() {
         "before the cut: {:?}",
         before.problems
     );
-    fs.clear_cache();
+    if let Err(Crashed(why)) = fs.clear_cache() {
+        panic!("the negative control has no verdict: {why}");
+    }
     let v = check_queue(&fs.disk().join("queue"), &sent, &[]);
     eprintln!(
         "negative control: 10 files renamed before fsync, 10 after; the check reports:\n{}",
@@ -1074,10 +1121,12 @@ fn power_cuts_during_deliver_neither_lose_nor_leave_delivered_messages_waiting()
     let Some(tools) = Tools::find(Mode::Listen) else {
         return;
     };
-    let Some(mut fs) = LazyFs::mount(CACHE_MB) else {
-        return;
-    };
-    let q = queue_on(&fs);
+    on_lazyfs("deliver", |fs| deliver_under_power_cuts(fs, &tools));
+}
+
+/// One run of `power_cuts_during_deliver_neither_lose_nor_leave_delivered_messages_waiting`.
+fn deliver_under_power_cuts(fs: &mut LazyFs, tools: &Tools) -> Result<(), Crashed> {
+    let q = queue_on(fs);
     let args = q.args();
     let out_dir = fs.scratch().join("delivered");
     std::fs::create_dir(&out_dir).expect("cannot create the delivery directory");
@@ -1104,23 +1153,24 @@ fn power_cuts_during_deliver_neither_lose_nor_leave_delivered_messages_waiting()
     };
     let mut rng = Rng::from_env();
     let load = Load::new();
-    let (mut server, addr) = start_server(&tools, Mode::Listen, &args, fs.scratch(), 0);
+    let (mut server, addr) = start_server(tools, Mode::Listen, &args, fs.scratch(), 0);
     let mut deliverer = start_deliverer(0);
     load.set_addr(Some(addr));
     let started = Instant::now();
-    let clients = start_clients(&load, None, "deliver", &mut rng);
+    let mut clients = Clients::start(&load, None, "deliver", &mut rng);
     let mut claimed_at_cuts = 0;
     for cut in 1..=CUTS + 1 {
         thread::sleep(Duration::from_millis(
             rng.between(CUT_EVERY_MS.0, CUT_EVERY_MS.1),
         ));
         if cut > CUTS {
-            stop_clients(&load, Vec::new());
+            // The last cut falls on the clients' last messages.
+            load.stop.store(true, Ordering::SeqCst);
         }
         load.set_addr(None);
         server.power_off();
         deliverer.power_off();
-        fs.clear_cache();
+        fs.clear_cache()?;
         let disk = fs.disk().join("queue");
         let delivered = delivered_ids(&out_dir);
         let waiting = queued_ids(&disk.join("new"));
@@ -1134,13 +1184,13 @@ fn power_cuts_during_deliver_neither_lose_nor_leave_delivered_messages_waiting()
         );
         claimed_at_cuts += queued_ids(&disk.join("cur")).len();
         if cut <= CUTS {
-            let (s, addr) = start_server(&tools, Mode::Listen, &args, fs.scratch(), cut);
+            let (s, addr) = start_server(tools, Mode::Listen, &args, fs.scratch(), cut);
             server = s;
             deliverer = start_deliverer(cut);
             load.set_addr(Some(addr));
         }
     }
-    stop_clients(&load, clients);
+    clients.stop();
     // The power is back: a last run takes back the claims the dead deliverers left.
     let out = run_bounded(
         Command::new(&queue_bin).args(&args).args([
@@ -1207,4 +1257,5 @@ fn power_cuts_during_deliver_neither_lose_nor_leave_delivered_messages_waiting()
         sent.len()
     );
     assert!(acked > 0, "the load got no K at all:\n{}", q.log_text());
+    Ok(())
 }

@@ -28,6 +28,13 @@ const POLL: Duration = Duration::from_millis(20);
 /// The line lazyfs logs when a `clear-cache` is done.
 const CLEARED: &str = "cache is cleared.";
 
+/// LazyFS itself died during a run (its log says why). LazyFS a47a5ba sometimes aborts
+/// under many concurrent writers ("terminate called after throwing an instance of
+/// 'std::system_error' what(): Resource deadlock avoided": a lock it already holds, taken
+/// again). Such a run has no verdict: the caller repeats it on a fresh mount.
+#[derive(Debug)]
+pub struct Crashed(pub String);
+
 /// One LazyFS mount in a fresh temporary directory: `root/` (the "disk"), `mnt/` (the
 /// file system the programs under test use), the fault FIFO, the config and lazyfs's log.
 pub struct LazyFs {
@@ -136,24 +143,60 @@ impl LazyFs {
 
     /// The power cut: drops every write not yet fsynced, and returns once lazyfs has done
     /// so. The caller stops every process using the mount first, as a power cut does.
-    pub fn clear_cache(&mut self) {
+    /// Err (with lazyfs's last words) when lazyfs is no longer running: it has crashed
+    /// (see `Crashed`), and whatever the run saw since is void.
+    pub fn clear_cache(&mut self) -> Result<(), Crashed> {
+        use std::os::unix::fs::OpenOptionsExt;
         let fifo = self.dir.path().join("faults.fifo");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&fifo)
-            .unwrap_or_else(|e| panic!("cannot open {}: {e}", fifo.display()));
+        let deadline = Instant::now() + CLEAR_LIMIT;
+        // Non-blocking, so that a lazyfs that died (no reader: ENXIO) cannot hang the test.
+        let mut f = loop {
+            self.check_running()?;
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(nix::libc::O_NONBLOCK)
+                .open(&fifo)
+            {
+                Ok(f) => break f,
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENXIO) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "lazyfs did not read its fault FIFO within {CLEAR_LIMIT:?}"
+                    );
+                    thread::sleep(POLL);
+                }
+                Err(e) => panic!("cannot open {}: {e}", fifo.display()),
+            }
+        };
         f.write_all(b"lazyfs::clear-cache\n")
             .expect("cannot write to the fault FIFO");
         drop(f);
         self.cuts += 1;
-        let deadline = Instant::now() + CLEAR_LIMIT;
         while self.log_text().matches(CLEARED).count() < self.cuts {
+            self.check_running()?;
             assert!(
                 Instant::now() < deadline,
                 "lazyfs did not clear its cache within {CLEAR_LIMIT:?}:\n{}",
                 self.log_text()
             );
             thread::sleep(POLL);
+        }
+        Ok(())
+    }
+
+    /// Err when the lazyfs process has exited.
+    fn check_running(&mut self) -> Result<(), Crashed> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => {
+                let log = self.log_text();
+                let start = log.len().saturating_sub(600);
+                let tail = log.get(start..).unwrap_or(&log).to_owned();
+                Err(Crashed(format!(
+                    "lazyfs exited ({status}); its log ends:\n{tail}"
+                )))
+            }
+            Err(e) => panic!("cannot wait for lazyfs: {e}"),
         }
     }
 
