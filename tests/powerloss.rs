@@ -32,6 +32,8 @@ use common::{
     InteropTool, TestQueue, describe, free_port, interop_tool, qmqpc_bin, qmqpd_bin, require_tool,
     run_bounded, stdin_qmqpd, text,
 };
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 /// Attempts of a run whose LazyFS crashed (see `Crashed`).
 const LAZYFS_ATTEMPTS: usize = 3;
@@ -100,6 +102,8 @@ struct Machine {
     child: Child,
     what: String,
     output: PathBuf,
+    /// Set once the session was killed.
+    off: bool,
 }
 
 impl Machine {
@@ -127,6 +131,7 @@ impl Machine {
             child,
             what: what.to_owned(),
             output,
+            off: false,
         }
     }
 
@@ -137,24 +142,37 @@ impl Machine {
             .unwrap_or_default()
     }
 
-    /// Kills every process of the session at once (SIGKILL) and waits until none is left.
+    /// Kills every process of the session and waits until none is left. All are stopped
+    /// (SIGSTOP) before any is killed, so that none sees another die: an `--exec` command
+    /// reading a message from qmqp-queue would otherwise read the end of its pipe when
+    /// qmqp-queue dies first, and finish with half a message, which no power cut does.
     fn power_off(&mut self) {
+        if self.off {
+            return;
+        }
+        self.off = true;
         // `setsid` made the child a session leader: its pid is the session ID.
         let sid = i32::try_from(self.child.id()).expect("pid fits in i32");
-        for _ in 0..500 {
-            let members = session_members(sid);
-            if members.is_empty() {
-                break;
+        for signal in [Signal::SIGSTOP, Signal::SIGKILL] {
+            for _ in 0..500 {
+                // Stopped processes count as done for SIGSTOP; only gone ones for SIGKILL.
+                let members: Vec<i32> = session_members(sid)
+                    .into_iter()
+                    .filter(|&(_, state)| signal == Signal::SIGKILL || state != 'T')
+                    .map(|(pid, _)| pid)
+                    .collect();
+                if members.is_empty() {
+                    break;
+                }
+                for pid in members {
+                    let _ = kill(Pid::from_raw(pid), signal);
+                }
+                // Reaps our own child (the others are reparented and reaped elsewhere).
+                if signal == Signal::SIGKILL {
+                    let _ = self.child.try_wait();
+                }
+                thread::sleep(Duration::from_millis(5));
             }
-            for pid in members {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-            // Reaps our own child (the others are reparented and reaped elsewhere).
-            let _ = self.child.try_wait();
-            thread::sleep(Duration::from_millis(10));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -173,8 +191,9 @@ impl Drop for Machine {
     }
 }
 
-/// Live (not zombie) processes whose session is `sid`, from /proc/PID/stat.
-fn session_members(sid: i32) -> Vec<i32> {
+/// Live (not zombie) processes whose session is `sid`, with their state letter, from
+/// /proc/PID/stat.
+fn session_members(sid: i32) -> Vec<(i32, char)> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -195,9 +214,10 @@ fn session_members(sid: i32) -> Vec<i32> {
             continue;
         };
         let fields: Vec<&str> = after.split_whitespace().collect();
-        let live = !matches!(fields.first(), Some(&"Z") | Some(&"X"));
+        let state = fields.first().and_then(|s| s.chars().next()).unwrap_or('?');
+        let live = !matches!(state, 'Z' | 'X');
         if live && fields.get(3).and_then(|s| s.parse::<i32>().ok()) == Some(sid) {
-            pids.push(pid);
+            pids.push((pid, state));
         }
     }
     pids
@@ -1228,11 +1248,16 @@ fn deliver_under_power_cuts(fs: &mut LazyFs, tools: &Tools) -> Result<(), Crashe
         let mut rcpts = BTreeSet::new();
         for path in records {
             let message = std::fs::read(path).expect("cannot read a delivered message");
+            let want = s.message();
             assert!(
-                message.starts_with(b"Received: from ") && message.ends_with(&s.message()),
-                "{} delivered as {} is not the message sent",
+                message.starts_with(b"Received: from ") && message.ends_with(&want),
+                "{} delivered as {} is not the message sent: {} bytes, the message {} plus \
+                 our header; it starts {:?}",
                 s.token,
-                path.display()
+                path.display(),
+                message.len(),
+                want.len(),
+                text(&message[..message.len().min(300)])
             );
             let env = std::fs::read_to_string(path.with_extension("env"))
                 .expect("cannot read a delivered envelope");
