@@ -28,6 +28,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::lazyfs::{Crashed, LazyFs};
+use common::rng::Rng;
 use common::{
     InteropTool, TestQueue, describe, free_port, interop_tool, qmqpc_bin, qmqpd_bin, require_tool,
     run_bounded, stdin_qmqpd, text,
@@ -55,42 +56,6 @@ const START_LIMIT: Duration = Duration::from_secs(30);
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// The recipient domain of every test message, and qmqp-source's recipient.
 const SOURCE_RECIPIENT: &str = "rcpt@example.net";
-
-/// A small deterministic pseudo-random sequence (xorshift).
-struct Rng(u64);
-
-impl Rng {
-    /// The run's seed: QMQPD_FAULT_SEED, else the clock; printed so a run can be repeated.
-    fn from_env() -> Rng {
-        let seed = std::env::var("QMQPD_FAULT_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map_or(1, |d| d.as_nanos() as u64)
-            });
-        eprintln!("QMQPD_FAULT_SEED={seed}");
-        Rng(seed | 1)
-    }
-
-    /// A sequence of its own for a client thread.
-    fn fork(&mut self, salt: u64) -> Rng {
-        Rng((self.next() ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    /// A number in `lo..=hi`.
-    fn between(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo + 1)
-    }
-}
 
 // ---------------------------------------------------------------------------------------
 // The "machine": processes that die together in a power cut.
@@ -470,11 +435,11 @@ fn run_qmqpc_client(load: Arc<Load>, tag: String, mut rng: Rng) {
         n += 1;
         let mut sent = Sent {
             token: format!("{tag}-{n}"),
-            big: rng.between(0, 7) == 0,
-            recipients: if rng.between(0, 3) == 0 {
-                rng.between(50, 200) as usize
+            big: rng.range(0, 8) == 0,
+            recipients: if rng.range(0, 4) == 0 {
+                rng.range(50, 201) as usize
             } else {
-                rng.between(1, 3) as usize
+                rng.range(1, 4) as usize
             },
             queue_id: None,
         };
@@ -939,7 +904,7 @@ fn power_cuts_once(
     if let Some(m) = method {
         args.extend(["-o".to_owned(), format!("queue_commit_method={m}")]);
     }
-    let mut rng = Rng::from_env();
+    let mut rng = Rng::new();
     let load = Load::new();
     let (mut server, addr) = start_server(tools, mode, &args, fs.scratch(), 0);
     load.set_addr(Some(addr));
@@ -947,7 +912,7 @@ fn power_cuts_once(
     let mut clients = Clients::start(&load, Some(&tools.source), &format!("{mode:?}"), &mut rng);
     for cut in 1..=CUTS {
         thread::sleep(Duration::from_millis(
-            rng.between(CUT_EVERY_MS.0, CUT_EVERY_MS.1),
+            rng.range(CUT_EVERY_MS.0, CUT_EVERY_MS.1 + 1),
         ));
         load.set_addr(None);
         server.power_off();
@@ -957,7 +922,7 @@ fn power_cuts_once(
         load.set_addr(Some(addr));
     }
     thread::sleep(Duration::from_millis(
-        rng.between(CUT_EVERY_MS.0, CUT_EVERY_MS.1),
+        rng.range(CUT_EVERY_MS.0, CUT_EVERY_MS.1 + 1),
     ));
     clients.stop();
     load.set_addr(None);
@@ -1171,7 +1136,7 @@ fn deliver_under_power_cuts(fs: &mut LazyFs, tools: &Tools) -> Result<(), Crashe
             &deliver_args,
         )
     };
-    let mut rng = Rng::from_env();
+    let mut rng = Rng::new();
     let load = Load::new();
     let (mut server, addr) = start_server(tools, Mode::Listen, &args, fs.scratch(), 0);
     let mut deliverer = start_deliverer(0);
@@ -1181,7 +1146,7 @@ fn deliver_under_power_cuts(fs: &mut LazyFs, tools: &Tools) -> Result<(), Crashe
     let mut claimed_at_cuts = 0;
     for cut in 1..=CUTS + 1 {
         thread::sleep(Duration::from_millis(
-            rng.between(CUT_EVERY_MS.0, CUT_EVERY_MS.1),
+            rng.range(CUT_EVERY_MS.0, CUT_EVERY_MS.1 + 1),
         ));
         if cut > CUTS {
             // The last cut falls on the clients' last messages.

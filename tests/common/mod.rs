@@ -8,6 +8,7 @@
 
 pub mod lazyfs;
 pub mod postfix;
+pub mod rng;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
