@@ -2,9 +2,9 @@
 //! (Postfix's qmqp-source and qmqpc) loading qmqpd in each server mode (one process per
 //! connection under tcpserver, a socket-activated listener, `--listen`) and for each commit
 //! method qmqpd offers, and power cuts at random moments of the load. A power cut is what
-//! a real one does: every process on the "machine" dies at once (SIGKILL to the server's
-//! whole session) and every write not yet fsynced is lost (`lazyfs::clear-cache`); then
-//! the server starts again and the load goes on. At the end, everything a client heard `K`
+//! a real one does: every process on the "machine" dies (the server's whole session is
+//! stopped, then killed) and every write not yet fsynced is lost (`lazyfs::clear-cache`);
+//! then the server starts again and the load goes on. At the end, everything a client heard `K`
 //! for must be in `new/` (or `cur/`) complete and byte-exact, nothing in `new/` may be
 //! short or unparsable, and what is left in `tmp/` must be cleaned by a later run.
 //!
@@ -50,11 +50,13 @@ const QMQPC_CLIENTS: usize = 3;
 const SOURCE_SESSIONS: usize = 3;
 /// Safety net for one client run or one launcher start: far longer than any takes.
 const RUN_LIMIT: Duration = Duration::from_secs(300);
+/// How long the processes of a power cut may take to die (LazyFS hangs otherwise).
+const STOP_LIMIT: Duration = Duration::from_secs(30);
 /// How long a server may take to listen after its start.
 const START_LIMIT: Duration = Duration::from_secs(30);
 /// Pause of a client whose server is down, so it does not spin.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
-/// The recipient domain of every test message, and qmqp-source's recipient.
+/// qmqp-source's recipient (numbered copies of it when a run has several).
 const SOURCE_RECIPIENT: &str = "rcpt@example.net";
 
 // ---------------------------------------------------------------------------------------
@@ -107,57 +109,86 @@ impl Machine {
             .unwrap_or_default()
     }
 
-    /// Kills every process of the session and waits until none is left. All are stopped
-    /// (SIGSTOP) before any is killed, so that none sees another die: an `--exec` command
-    /// reading a message from qmqp-queue would otherwise read the end of its pipe when
-    /// qmqp-queue dies first, and finish with half a message, which no power cut does.
-    fn power_off(&mut self) {
-        if self.off {
-            return;
-        }
-        self.off = true;
+    /// Kills every process of the session and waits (at most STOP_LIMIT) until none is
+    /// left; false when some are still there (stuck in a request to a LazyFS that stopped
+    /// answering). All are stopped (SIGSTOP) before any is killed, so that none sees
+    /// another die: an `--exec` command reading a message from qmqp-queue would otherwise
+    /// read the end of its pipe when qmqp-queue dies first, and finish with half a message,
+    /// which no power cut does.
+    fn power_off(&mut self) -> bool {
         // `setsid` made the child a session leader: its pid is the session ID.
         let sid = i32::try_from(self.child.id()).expect("pid fits in i32");
-        for signal in [Signal::SIGSTOP, Signal::SIGKILL] {
-            for _ in 0..500 {
-                // Stopped processes count as done for SIGSTOP; only gone ones for SIGKILL.
-                let members: Vec<i32> = session_members(sid)
+        if !self.off {
+            self.off = true;
+            for _ in 0..200 {
+                let running: Vec<i32> = session_members(sid)
                     .into_iter()
-                    .filter(|&(_, state)| signal == Signal::SIGKILL || state != 'T')
+                    .filter(|&(_, state)| state != 'T')
                     .map(|(pid, _)| pid)
                     .collect();
-                if members.is_empty() {
+                if running.is_empty() {
                     break;
                 }
-                for pid in members {
-                    let _ = kill(Pid::from_raw(pid), signal);
-                }
-                // Reaps our own child (the others are reparented and reaped elsewhere).
-                if signal == Signal::SIGKILL {
-                    let _ = self.child.try_wait();
+                for pid in running {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGSTOP);
                 }
                 thread::sleep(Duration::from_millis(5));
             }
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let left = session_members(sid);
-        assert!(
-            left.is_empty() || thread::panicking(),
-            "{}: processes {left:?} survived SIGKILL",
-            self.what
-        );
+        let deadline = Instant::now() + STOP_LIMIT;
+        loop {
+            let members = session_members(sid);
+            for &(pid, _) in &members {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            // Reaps our own child (the others are reparented and reaped elsewhere).
+            let reaped = !matches!(self.child.try_wait(), Ok(None));
+            if members.is_empty() && reaped {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 
 impl Drop for Machine {
     fn drop(&mut self) {
-        self.power_off();
+        if !self.power_off() {
+            eprintln!("{}: processes of its session survived SIGKILL", self.what);
+        }
     }
 }
 
-/// Live (not zombie) processes whose session is `sid`, with their state letter, from
-/// /proc/PID/stat.
+/// A power cut: every process of `machines` dies, then the data LazyFS holds unsynced
+/// goes. Err when LazyFS failed: it crashed, or it stopped answering so that processes
+/// hang in its requests (then it is killed, which ends them).
+fn power_cut(fs: &mut LazyFs, machines: &mut [&mut Machine]) -> Result<(), Crashed> {
+    let mut stuck = Vec::new();
+    for machine in machines.iter_mut() {
+        if !machine.power_off() {
+            stuck.push(machine.what.clone());
+        }
+    }
+    if !stuck.is_empty() {
+        let why = fs.kill();
+        for machine in machines.iter_mut() {
+            machine.power_off();
+        }
+        return Err(Crashed(format!(
+            "LazyFS stopped answering: {} still hung in its requests {STOP_LIMIT:?} after \
+             SIGKILL; {why}",
+            stuck.join(", ")
+        )));
+    }
+    fs.clear_cache()
+}
+
+/// Live processes whose session is `sid`, with their state letter, from /proc/PID/stat:
+/// not zombies, unless a zombie thread-group leader still has threads (stuck in the
+/// kernel).
 fn session_members(sid: i32) -> Vec<(i32, char)> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -180,7 +211,8 @@ fn session_members(sid: i32) -> Vec<(i32, char)> {
         };
         let fields: Vec<&str> = after.split_whitespace().collect();
         let state = fields.first().and_then(|s| s.chars().next()).unwrap_or('?');
-        let live = !matches!(state, 'Z' | 'X');
+        let threads = std::fs::read_dir(format!("/proc/{pid}/task")).map_or(1, |d| d.count());
+        let live = !matches!(state, 'Z' | 'X') || threads > 1;
         if live && fields.get(3).and_then(|s| s.parse::<i32>().ok()) == Some(sid) {
             pids.push((pid, state));
         }
@@ -915,8 +947,7 @@ fn power_cuts_once(
             rng.range(CUT_EVERY_MS.0, CUT_EVERY_MS.1 + 1),
         ));
         load.set_addr(None);
-        server.power_off();
-        fs.clear_cache()?;
+        power_cut(fs, &mut [&mut server])?;
         let (s, addr) = start_server(tools, mode, &args, fs.scratch(), cut);
         server = s;
         load.set_addr(Some(addr));
@@ -924,10 +955,11 @@ fn power_cuts_once(
     thread::sleep(Duration::from_millis(
         rng.range(CUT_EVERY_MS.0, CUT_EVERY_MS.1 + 1),
     ));
-    clients.stop();
+    // The last cut falls on the clients' last messages; then they are waited for.
+    load.stop.store(true, Ordering::SeqCst);
     load.set_addr(None);
-    server.power_off();
-    fs.clear_cache()?;
+    power_cut(fs, &mut [&mut server])?;
+    clients.stop();
     let sent = load.sent.lock().unwrap().clone();
     let runs = load.runs.lock().unwrap().clone();
     let v = check_queue(&fs.disk().join("queue"), &sent, &runs);
@@ -1153,9 +1185,7 @@ fn deliver_under_power_cuts(fs: &mut LazyFs, tools: &Tools) -> Result<(), Crashe
             load.stop.store(true, Ordering::SeqCst);
         }
         load.set_addr(None);
-        server.power_off();
-        deliverer.power_off();
-        fs.clear_cache()?;
+        power_cut(fs, &mut [&mut server, &mut deliverer])?;
         let disk = fs.disk().join("queue");
         let delivered = delivered_ids(&out_dir);
         let waiting = queued_ids(&disk.join("new"));

@@ -28,10 +28,11 @@ const POLL: Duration = Duration::from_millis(20);
 /// The line lazyfs logs when a `clear-cache` is done.
 const CLEARED: &str = "cache is cleared.";
 
-/// LazyFS itself died during a run (its log says why). LazyFS a47a5ba sometimes aborts
-/// under many concurrent writers ("terminate called after throwing an instance of
-/// 'std::system_error' what(): Resource deadlock avoided": a lock it already holds, taken
-/// again). Such a run has no verdict: the caller repeats it on a fresh mount.
+/// LazyFS itself failed during a run. LazyFS a47a5ba sometimes aborts under many
+/// concurrent writers ("terminate called after throwing an instance of 'std::system_error'
+/// what(): Resource deadlock avoided": a lock it already holds, taken again), and sometimes
+/// deadlocks (its threads wait on its own locks, the processes using the mount hang in
+/// their requests). Such a run has no verdict: the caller repeats it on a fresh mount.
 #[derive(Debug)]
 pub struct Crashed(pub String);
 
@@ -143,8 +144,8 @@ impl LazyFs {
 
     /// The power cut: drops every write not yet fsynced, and returns once lazyfs has done
     /// so. The caller stops every process using the mount first, as a power cut does.
-    /// Err (with lazyfs's last words) when lazyfs is no longer running: it has crashed
-    /// (see `Crashed`), and whatever the run saw since is void.
+    /// Err (with lazyfs's last words) when lazyfs is no longer running or does not clear
+    /// its cache in time (then it is killed): see `Crashed`; the run is void.
     pub fn clear_cache(&mut self) -> Result<(), Crashed> {
         use std::os::unix::fs::OpenOptionsExt;
         let fifo = self.dir.path().join("faults.fifo");
@@ -159,10 +160,12 @@ impl LazyFs {
             {
                 Ok(f) => break f,
                 Err(e) if e.raw_os_error() == Some(nix::libc::ENXIO) => {
-                    assert!(
-                        Instant::now() < deadline,
-                        "lazyfs did not read its fault FIFO within {CLEAR_LIMIT:?}"
-                    );
+                    if Instant::now() > deadline {
+                        let why = self.kill();
+                        return Err(Crashed(format!(
+                            "lazyfs did not read its fault FIFO within {CLEAR_LIMIT:?}; {why}"
+                        )));
+                    }
                     thread::sleep(POLL);
                 }
                 Err(e) => panic!("cannot open {}: {e}", fifo.display()),
@@ -174,11 +177,12 @@ impl LazyFs {
         self.cuts += 1;
         while self.log_text().matches(CLEARED).count() < self.cuts {
             self.check_running()?;
-            assert!(
-                Instant::now() < deadline,
-                "lazyfs did not clear its cache within {CLEAR_LIMIT:?}:\n{}",
-                self.log_text()
-            );
+            if Instant::now() > deadline {
+                let why = self.kill();
+                return Err(Crashed(format!(
+                    "lazyfs did not clear its cache within {CLEAR_LIMIT:?}; {why}"
+                )));
+            }
             thread::sleep(POLL);
         }
         Ok(())
@@ -198,6 +202,21 @@ impl LazyFs {
             }
             Err(e) => panic!("cannot wait for lazyfs: {e}"),
         }
+    }
+
+    /// Kills lazyfs (when it stopped answering: the requests waiting on it then fail, so
+    /// the processes stuck in them can die); returns the end of its log.
+    pub fn kill(&mut self) -> String {
+        let _ = self.child.kill();
+        let _ = wait_bounded(&mut self.child, EXIT_LIMIT);
+        format!("lazyfs killed; its log ends:\n{}", self.log_tail())
+    }
+
+    /// The last lines of lazyfs's log.
+    fn log_tail(&self) -> String {
+        let log = self.log_text();
+        let start = log.len().saturating_sub(600);
+        log.get(start..).unwrap_or(&log).to_owned()
     }
 
     /// How many power cuts this mount has had.
