@@ -30,8 +30,8 @@ use std::time::{Duration, Instant, SystemTime};
 use common::lazyfs::{Crashed, LazyFs};
 use common::rng::Rng;
 use common::{
-    InteropTool, TestQueue, describe, free_port, interop_tool, qmqpc_bin, qmqpd_bin, require_tool,
-    run_bounded, stdin_qmqpd, text,
+    InteropTool, TestQueue, clear_qmqpd_env, describe, free_port, interop_tool, qmqpc_bin,
+    qmqpd_bin, require_tool, run_bounded, stdin_qmqpd, text,
 };
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -83,12 +83,9 @@ impl Machine {
         args: &[String],
     ) -> Machine {
         let log = File::create(&output).expect("cannot create an output file");
-        let child = Command::new(setsid)
-            .arg(program)
-            .args(args)
-            .env_remove("LISTEN_FDS")
-            .env_remove("LISTEN_PID")
-            .env_remove("MAIL_CONFIG")
+        let mut cmd = Command::new(setsid);
+        cmd.arg(program).args(args);
+        let child = clear_qmqpd_env(&mut cmd)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("cannot share the output file"))
             .stderr(log)

@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::{require_tool, skip_or_fail, wait_bounded};
+use super::{built_tool, require_tool, skip_or_fail, wait_bounded};
 
 /// How long lazyfs may take to pre-allocate its cache and mount.
 const MOUNT_LIMIT: Duration = Duration::from_secs(60);
@@ -51,14 +51,7 @@ impl LazyFs {
     /// never evicted: evicting would write unsynced data back, hiding a missing fsync).
     /// None (skipped) when LazyFS or FUSE is missing, unless QMQPD_REQUIRE_INTEROP=1.
     pub fn mount(cache_mb: u32) -> Option<LazyFs> {
-        let Some(lazyfs) = std::env::var_os("QMQPD_LAZYFS").map(PathBuf::from) else {
-            return skip_or_fail(
-                "QMQPD_LAZYFS is not set (.ci/setup/40-lazyfs.sh builds LazyFS and sets it)",
-            );
-        };
-        if !lazyfs.is_file() {
-            return skip_or_fail(&format!("QMQPD_LAZYFS={} is no file", lazyfs.display()));
-        }
+        let lazyfs = built_tool("QMQPD_LAZYFS")?;
         if let Err(e) = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
