@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, SystemTime};
 
+use common::rng::Rng;
 use common::{QueueFile, Server, TestQueue, describe, request, run_bounded, wait_until};
 
 /// A safety net for every child and every wait: never expected to fire.
@@ -74,35 +75,6 @@ fn backdate_files(dir: &Path) -> usize {
         n += 1;
     }
     n
-}
-
-/// A small deterministic pseudo-random sequence (xorshift), seeded per run and printed so a
-/// failing run can be repeated with QMQPD_FAULT_SEED.
-struct Rng(u64);
-
-impl Rng {
-    fn new() -> Rng {
-        let seed = std::env::var("QMQPD_FAULT_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-                    | 1
-            });
-        eprintln!("QMQPD_FAULT_SEED={seed}");
-        Rng(seed)
-    }
-
-    /// A number in `lo..hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        lo + self.0 % (hi - lo)
-    }
 }
 
 /// A qmqpd --listen we start ourselves, to kill it or read /proc; killed on drop.

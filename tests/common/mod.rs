@@ -7,7 +7,9 @@
 #![allow(dead_code)]
 
 pub mod haproxy;
+pub mod lazyfs;
 pub mod postfix;
+pub mod rng;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
