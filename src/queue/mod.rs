@@ -150,7 +150,9 @@ impl Queue {
 
     /// Creates `tmp/`, `new/` and `cur/` when missing.
     pub(crate) fn create_dirs(&self) -> io::Result<()> {
-        for sub in [TMP, State::New.dir_name(), State::Cur.dir_name()] {
+        // tmp/ last: `create` takes an existing tmp/ to mean the whole layout is there, so a
+        // concurrent transaction must never find tmp/ before new/ (its rename would fail).
+        for sub in [State::New.dir_name(), State::Cur.dir_name(), TMP] {
             let path = self.dir.join(sub);
             make_dir(&path).map_err(|e| {
                 io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display()))
@@ -162,7 +164,8 @@ impl Queue {
     /// Creates `tmp/`, `new/`, `cur/` and `failed/` when missing (what a consumer needs).
     pub(crate) fn create_all_dirs(&self) -> Result<(), QueueError> {
         let states = [State::New, State::Cur, State::Failed].map(State::dir_name);
-        for sub in std::iter::once(TMP).chain(states) {
+        // tmp/ last, as in `create_dirs`.
+        for sub in states.into_iter().chain(std::iter::once(TMP)) {
             let path = self.dir.join(sub);
             make_dir(&path).map_err(|source| QueueError::Dir { path, source })?;
         }
