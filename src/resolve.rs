@@ -407,4 +407,124 @@ mod tests {
         assert_eq!(hosts_forward(HOSTS, "mail.example.org.").len(), 1);
         assert!(hosts_forward(HOSTS, "commented.example").is_empty());
     }
+
+    /// A name server on a loopback port that answers UDP with `udp` and TCP with `tcp`
+    /// (None: never answers), for one query each.
+    fn server(udp: Option<fn(&Message) -> Message>, tcp: Option<fn(&Message) -> Message>) -> Dns {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        let listener = std::net::TcpListener::bind(addr).unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0; 512];
+            let (n, from) = socket.recv_from(&mut buf).unwrap();
+            let request = Message::from_vec(&buf[..n]).unwrap();
+            // A stray datagram with another id must be ignored.
+            let mut stray = request.clone().into_response();
+            stray.metadata.id = request.metadata.id.wrapping_add(1);
+            socket.send_to(&stray.to_vec().unwrap(), from).unwrap();
+            match udp {
+                Some(answer) => {
+                    socket
+                        .send_to(&answer(&request).to_vec().unwrap(), from)
+                        .unwrap();
+                }
+                None => std::thread::sleep(Duration::from_secs(5)),
+            }
+        });
+        std::thread::spawn(move || {
+            let Some(answer) = tcp else { return };
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut len = [0; 2];
+            stream.read_exact(&mut len).unwrap();
+            let mut buf = vec![0; usize::from(u16::from_be_bytes(len))];
+            stream.read_exact(&mut buf).unwrap();
+            let reply = answer(&Message::from_vec(&buf).unwrap()).to_vec().unwrap();
+            stream
+                .write_all(&(reply.len() as u16).to_be_bytes())
+                .unwrap();
+            stream.write_all(&reply).unwrap();
+        });
+        Dns {
+            servers: vec![addr],
+            timeout: Duration::from_secs(30),
+            attempts: 1,
+        }
+    }
+
+    fn with_a(request: &Message, truncated: bool) -> Message {
+        let mut reply = request.clone().into_response();
+        reply.metadata.truncation = truncated;
+        if !truncated {
+            let name = request.queries[0].name().clone();
+            for last in 1..=60 {
+                let a = hickory_proto::rr::rdata::A(Ipv4Addr::new(192, 0, 2, last));
+                reply.add_answer(Record::from_rdata(name.clone(), 60, RData::A(a)));
+            }
+        }
+        reply
+    }
+
+    fn a_records(dns: &Dns, deadline: Instant) -> Result<Vec<IpAddr>, TimedOut> {
+        let name = Name::from_ascii("big.example.test.").unwrap();
+        let records = dns.query(name, RecordType::A, deadline)?;
+        Ok(records.iter().filter_map(|r| r.data.ip_addr()).collect())
+    }
+
+    #[test]
+    fn dns_query_asks_again_over_tcp_when_truncated() {
+        let dns = server(Some(|m| with_a(m, true)), Some(|m| with_a(m, false)));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addrs = a_records(&dns, deadline).unwrap();
+        assert_eq!(addrs.len(), 60);
+        assert!(addrs.contains(&"192.0.2.60".parse().unwrap()));
+    }
+
+    #[test]
+    fn dns_query_takes_nxdomain_as_no_records() {
+        let dns = server(
+            Some(|m| {
+                let mut reply = m.clone().into_response();
+                reply.metadata.response_code = ResponseCode::NXDomain;
+                reply
+            }),
+            None,
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        assert_eq!(a_records(&dns, deadline), Ok(Vec::new()));
+    }
+
+    #[test]
+    fn dns_query_gives_up_at_the_deadline() {
+        let dns = server(None, None);
+        let started = Instant::now();
+        let deadline = started + Duration::from_millis(300);
+        assert_eq!(a_records(&dns, deadline), Err(TimedOut));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "waited past the deadline"
+        );
+    }
+
+    #[test]
+    fn host_files_follow_nsswitch_and_read_hosts() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = HostFiles {
+            nsswitch: dir.path().join("nsswitch.conf"),
+            hosts: dir.path().join("hosts"),
+            resolv: dir.path().join("resolv.conf"),
+        };
+        std::fs::write(&files.nsswitch, "hosts: files\n").unwrap();
+        std::fs::write(&files.hosts, HOSTS).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addr: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(
+            files.reverse(addr, deadline).unwrap().as_deref(),
+            Some("Mail.Example.org")
+        );
+        assert_eq!(files.forward("mail.example.org", deadline).unwrap(), [addr]);
+        assert!(files.forward("absent.example.org", deadline).unwrap().is_empty());
+        // Without files on the hosts: line, /etc/hosts is not read.
+        std::fs::write(&files.nsswitch, "hosts: ldap\n").unwrap();
+        assert_eq!(files.reverse(addr, deadline).unwrap(), None);
+    }
 }
