@@ -522,7 +522,12 @@ mod tests {
             Some("Mail.Example.org")
         );
         assert_eq!(files.forward("mail.example.org", deadline).unwrap(), [addr]);
-        assert!(files.forward("absent.example.org", deadline).unwrap().is_empty());
+        assert!(
+            files
+                .forward("absent.example.org", deadline)
+                .unwrap()
+                .is_empty()
+        );
         // Without files on the hosts: line, /etc/hosts is not read.
         std::fs::write(&files.nsswitch, "hosts: ldap\n").unwrap();
         assert_eq!(files.reverse(addr, deadline).unwrap(), None);
