@@ -121,12 +121,12 @@ impl HostFiles {
     }
 }
 
-/// Reads a small configuration file, bounded in size.
+/// Reads a small configuration file, bounded in size, in one read when its size is known.
 fn read_text(path: &Path) -> io::Result<String> {
-    let mut text = String::new();
-    std::fs::File::open(path)?
-        .take(MAX_FILE)
-        .read_to_string(&mut text)?;
+    let file = std::fs::File::open(path)?;
+    let size = file.metadata().map_or(0, |m| m.len()).min(MAX_FILE);
+    let mut text = String::with_capacity(usize::try_from(size).unwrap_or(0).saturating_add(1));
+    file.take(MAX_FILE).read_to_string(&mut text)?;
     Ok(text)
 }
 

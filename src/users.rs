@@ -43,7 +43,11 @@ pub fn find_account(name: &str) -> io::Result<Option<Account>> {
 fn read_text(path: &Path) -> io::Result<String> {
     let mut bytes = Vec::new();
     std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_FILE).read_to_end(&mut bytes))
+        .and_then(|f| {
+            let size = f.metadata().map_or(0, |m| m.len()).min(MAX_FILE);
+            bytes.reserve(usize::try_from(size).unwrap_or(0).saturating_add(1));
+            f.take(MAX_FILE).read_to_end(&mut bytes)
+        })
         .map_err(|e| io::Error::new(e.kind(), format!("cannot read {}: {e}", path.display())))?;
     // Non-UTF-8 bytes (a GECOS field in Latin-1) must not hide the other lines.
     Ok(String::from_utf8_lossy(&bytes).into_owned())
