@@ -137,7 +137,13 @@ fn run() -> u8 {
     let bound = incoming.bind();
     let agent = match (&bound, cfg.params.qmqpd_agent_check_listen.as_str()) {
         (_, "") => None,
-        (Some(Ok(_)), addr) => match std::net::TcpListener::bind(addr) {
+        // The value is a numeric address:port (checked with the configuration): parsed here,
+        // so that binding never goes through getaddrinfo (NSS; the binary is static).
+        (Some(Ok(_)), addr) => match addr
+            .parse::<std::net::SocketAddr>()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+            .and_then(std::net::TcpListener::bind)
+        {
             Ok(l) => Some(l),
             Err(e) => {
                 return fail_logged(
