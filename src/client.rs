@@ -7,7 +7,7 @@
 
 use std::fmt;
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use crate::netstring::{self, NetstringError, encoded_len};
@@ -342,12 +342,33 @@ pub fn parse_server(server: &str) -> io::Result<(String, u16)> {
 
 /// Connect to "host", "host:port", "[v6]:port" (default port 628) with a timeout.
 ///
-/// Every address the name resolves to is tried in turn, each bounded by `timeout`; the
-/// connected stream gets `timeout` as its read and write timeout too.
+/// A name is looked up without glibc's NSS (`resolve`: /etc/hosts and DNS, the name taken as
+/// absolute), bounded by `timeout`. Every address it resolves to is tried in turn, each
+/// bounded by `timeout`; the connected stream gets `timeout` as its read and write timeout too.
 pub fn connect(server: &str, timeout: Duration) -> io::Result<TcpStream> {
     let (host, port) = parse_server(server)?;
-    let literal = host.parse::<std::net::IpAddr>().is_ok();
-    let addrs: Vec<SocketAddr> = (host.as_str(), port).to_socket_addrs()?.collect();
+    let literal = host.parse::<std::net::IpAddr>().ok();
+    let addrs: Vec<SocketAddr> = match literal {
+        Some(ip) => vec![SocketAddr::new(ip, port)],
+        None => {
+            let now = std::time::Instant::now();
+            let deadline = now
+                .checked_add(timeout)
+                .unwrap_or(now + Duration::from_secs(3600));
+            crate::resolve::HostFiles::default()
+                .forward(&host, deadline)
+                .map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("look-up of \"{}\" timed out", host.escape_debug()),
+                    )
+                })?
+                .into_iter()
+                .map(|ip| SocketAddr::new(ip, port))
+                .collect()
+        }
+    };
+    let literal = literal.is_some();
     let mut last = io::Error::new(
         io::ErrorKind::NotFound,
         format!("no address found for \"{}\"", host.escape_debug()),

@@ -13,6 +13,8 @@
 //! - `agent`: HAProxy's agent check: is this host's queue fit for new mail
 //! - `server`: one connection from identification to reply, and the accept loop
 //! - `peer`: who the client is
+//! - `resolve`: host names from /etc/hosts and DNS without glibc's NSS, in the calling thread
+//! - `users`: `mail_owner` and its groups from /etc/passwd and /etc/group
 //! - `access`: Postfix match lists (`qmqpd_authorized_clients`, `debug_peer_list`)
 //! - `proxy`: the PROXY protocol header (v1, v2) a balancer sends before the request
 //! - `session`: one QMQP transaction over any `Read + Write`
@@ -50,6 +52,8 @@ pub mod program;
 pub mod proxy;
 pub mod queue;
 pub mod reply;
+pub mod resolve;
 pub mod server;
 pub mod session;
+pub mod users;
 pub mod verp;

@@ -1,19 +1,21 @@
 //! Who the client is: its address, port and name, from the launcher's environment (UCSPI
 //! `${PROTO}REMOTEIP`, systemd's `REMOTE_ADDR`, xinetd's `REMOTE_HOST`) or from the socket
-//! itself, in that order (see `identify`), and its name from DNS (reverse look-up confirmed by a
-//! forward look-up, bounded in time). Owns the `name[addr]` form used in logs and replies.
+//! itself, in that order (see `identify`), and its name (reverse look-up confirmed by a
+//! forward look-up, in the calling thread, bounded in time; `resolve` does the look-ups).
+//! Owns the `name[addr]` form used in logs and replies.
 //! Does not decide whether the client may use the service (that is `access`).
 
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{AddressFamily, SockaddrLike, SockaddrStorage, getpeername};
 
 use crate::logging::sanitize;
+use crate::resolve::{HostFiles, TimedOut};
 
 /// The name of a client nobody could name.
 pub(crate) const UNKNOWN: &str = "unknown";
@@ -202,72 +204,60 @@ fn parse_port(value: &OsString) -> Option<u16> {
     value.to_str()?.trim().parse().ok()
 }
 
-/// Name look-ups, behind a trait so tests can give any answer (or none, or hang).
+/// Name look-ups, behind a trait so tests can give any answer (or none, or hang). Each must
+/// return by `deadline`, with `TimedOut` when it could not finish.
 pub(crate) trait Resolver: Send + Sync {
     /// The name the address maps to (PTR), if any.
-    fn reverse(&self, addr: IpAddr) -> Option<String>;
+    fn reverse(&self, addr: IpAddr, deadline: Instant) -> Result<Option<String>, TimedOut>;
     /// The addresses the name maps to (A and AAAA).
-    fn forward(&self, name: &str) -> Vec<IpAddr>;
+    fn forward(&self, name: &str, deadline: Instant) -> Result<Vec<IpAddr>, TimedOut>;
 }
 
-/// The system's resolver (getnameinfo/getaddrinfo: /etc/hosts, DNS, as nsswitch says).
+/// The system's hosts: /etc/hosts and DNS as /etc/nsswitch.conf orders them, without glibc's
+/// NSS (see `resolve`).
 pub(crate) struct SystemResolver;
 
 impl Resolver for SystemResolver {
-    fn reverse(&self, addr: IpAddr) -> Option<String> {
-        dns_lookup::lookup_addr(&addr).ok()
+    fn reverse(&self, addr: IpAddr, deadline: Instant) -> Result<Option<String>, TimedOut> {
+        HostFiles::default().reverse(addr, deadline)
     }
 
-    fn forward(&self, name: &str) -> Vec<IpAddr> {
-        (name, 0u16)
-            .to_socket_addrs()
-            .map(|addrs| addrs.map(|a| a.ip()).collect())
-            .unwrap_or_default()
+    fn forward(&self, name: &str, deadline: Instant) -> Result<Vec<IpAddr>, TimedOut> {
+        HostFiles::default().forward(name, deadline)
     }
 }
 
 /// The client's verified name: the reverse look-up of `addr`, kept only when that name's
-/// forward look-up lists `addr` again (Postfix's rule). Waits at most `limit`: a resolver that
-/// does not answer in time leaves the name unknown (its thread finishes on its own).
+/// forward look-up lists `addr` again (Postfix's rule). Both run in the calling thread and
+/// take at most `limit` together: a resolver that does not answer in time leaves the name
+/// unknown.
 #[cfg(test)]
 pub(crate) fn verified_name(
-    resolver: Arc<dyn Resolver>,
+    resolver: &dyn Resolver,
     addr: IpAddr,
     limit: Duration,
 ) -> Option<String> {
     look_up(resolver, addr, limit).unwrap_or(None)
 }
 
-/// No answer within the time limit (or no thread to ask in).
-struct NoAnswer;
-
 /// `verified_name`, telling a resolver that did not answer from one that found no name.
 fn look_up(
-    resolver: Arc<dyn Resolver>,
+    resolver: &dyn Resolver,
     addr: IpAddr,
     limit: Duration,
-) -> Result<Option<String>, NoAnswer> {
-    let (tx, rx) = mpsc::channel();
-    let spawned = std::thread::Builder::new()
-        .name("peername".into())
-        .spawn(move || {
-            let _ = tx.send(confirm_name(resolver.as_ref(), addr));
-        });
-    if let Err(e) = spawned {
-        log::warn!("cannot start the host name look-up for {addr}: {e}");
-        return Err(NoAnswer);
-    }
-    rx.recv_timeout(limit).map_err(|_| {
+) -> Result<Option<String>, TimedOut> {
+    let now = Instant::now();
+    let deadline = now.checked_add(limit).unwrap_or(now);
+    confirm_name(resolver, addr, deadline).inspect_err(|_| {
         log::warn!(
             "host name look-up for {addr} took longer than {}s: using unknown",
             limit.as_secs_f32()
         );
-        NoAnswer
     })
 }
 
 /// Confirmed names (and the absence of one) by address, for a listener that serves the same
-/// few list hosts over and over: a look-up costs two resolver queries and a thread.
+/// few list hosts over and over: a look-up costs two or three resolver queries.
 pub(crate) struct NameCache {
     ttl: Duration,
     /// The answer and when it expires.
@@ -305,9 +295,9 @@ impl NameCache {
         // A resolver that did not answer is asked again sooner: the name may be needed for
         // access, and a short memory still keeps a dead resolver from costing a thread per
         // connection.
-        let (name, ttl) = match look_up(Arc::clone(resolver), addr, limit) {
+        let (name, ttl) = match look_up(resolver.as_ref(), addr, limit) {
             Ok(name) => (name, self.ttl),
-            Err(NoAnswer) => (None, self.ttl.min(Self::NO_ANSWER_TTL)),
+            Err(TimedOut) => (None, self.ttl.min(Self::NO_ANSWER_TTL)),
         };
         let mut entries = lock();
         if entries.len() >= Self::MAX_ENTRIES {
@@ -320,9 +310,15 @@ impl NameCache {
     }
 }
 
-fn confirm_name(resolver: &dyn Resolver, addr: IpAddr) -> Option<String> {
+fn confirm_name(
+    resolver: &dyn Resolver,
+    addr: IpAddr,
+    deadline: Instant,
+) -> Result<Option<String>, TimedOut> {
     let addr = addr.to_canonical();
-    let found = resolver.reverse(addr)?;
+    let Some(found) = resolver.reverse(addr, deadline)? else {
+        return Ok(None);
+    };
     let name = found.trim_end_matches('.').to_ascii_lowercase();
     if name.parse::<IpAddr>().is_ok() || name.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
         // getnameinfo answers with the address itself when there is no name.
@@ -332,7 +328,7 @@ fn confirm_name(resolver: &dyn Resolver, addr: IpAddr) -> Option<String> {
                 sanitize(name.as_bytes())
             );
         }
-        return None;
+        return Ok(None);
     }
     if name.is_empty()
         || !name
@@ -343,17 +339,17 @@ fn confirm_name(resolver: &dyn Resolver, addr: IpAddr) -> Option<String> {
             "malformed host name {} for address {addr}: using unknown",
             sanitize(found.as_bytes())
         );
-        return None;
+        return Ok(None);
     }
     if resolver
-        .forward(&name)
+        .forward(&name, deadline)?
         .iter()
         .any(|a| a.to_canonical() == addr)
     {
-        Some(name)
+        Ok(Some(name))
     } else {
         log::warn!("host name {name} does not resolve to address {addr}: using unknown");
-        None
+        Ok(None)
     }
 }
 
@@ -373,12 +369,16 @@ mod tests {
     }
 
     impl Resolver for Fake {
-        fn reverse(&self, _: IpAddr) -> Option<String> {
-            std::thread::sleep(self.hang);
-            self.ptr.map(str::to_owned)
+        fn reverse(&self, _: IpAddr, deadline: Instant) -> Result<Option<String>, TimedOut> {
+            let left = deadline.saturating_duration_since(Instant::now());
+            std::thread::sleep(self.hang.min(left));
+            if self.hang >= left {
+                return Err(TimedOut);
+            }
+            Ok(self.ptr.map(str::to_owned))
         }
-        fn forward(&self, _: &str) -> Vec<IpAddr> {
-            self.a.clone()
+        fn forward(&self, _: &str, _: Instant) -> Result<Vec<IpAddr>, TimedOut> {
+            Ok(self.a.clone())
         }
     }
 
@@ -388,11 +388,7 @@ mod tests {
             a: a.iter().map(|s| s.parse().unwrap()).collect(),
             hang: Duration::ZERO,
         };
-        verified_name(
-            Arc::new(fake),
-            client.parse().unwrap(),
-            Duration::from_secs(30),
-        )
+        verified_name(&fake, client.parse().unwrap(), Duration::from_secs(30))
     }
 
     #[test]
@@ -444,7 +440,7 @@ mod tests {
         };
         let started = std::time::Instant::now();
         let name = verified_name(
-            Arc::new(fake),
+            &fake,
             "192.0.2.1".parse().unwrap(),
             Duration::from_millis(100),
         );
@@ -459,12 +455,12 @@ mod tests {
     struct Counting(std::sync::atomic::AtomicUsize);
 
     impl Resolver for Counting {
-        fn reverse(&self, _: IpAddr) -> Option<String> {
+        fn reverse(&self, _: IpAddr, _: Instant) -> Result<Option<String>, TimedOut> {
             self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Some("list.example.org".into())
+            Ok(Some("list.example.org".into()))
         }
-        fn forward(&self, _: &str) -> Vec<IpAddr> {
-            vec!["192.0.2.1".parse().unwrap()]
+        fn forward(&self, _: &str, _: Instant) -> Result<Vec<IpAddr>, TimedOut> {
+            Ok(vec!["192.0.2.1".parse().unwrap()])
         }
     }
 
@@ -511,7 +507,7 @@ mod tests {
     fn system_resolver_confirms_localhost() {
         // /etc/hosts maps 127.0.0.1 to localhost on every machine this runs on.
         let name = verified_name(
-            Arc::new(SystemResolver),
+            &SystemResolver,
             "127.0.0.1".parse().unwrap(),
             Duration::from_secs(30),
         );

@@ -726,12 +726,24 @@ mod tests {
     }
 
     impl Resolver for Slow {
-        fn reverse(&self, _: std::net::IpAddr) -> Option<String> {
-            std::thread::sleep(self.delay);
-            Some("client.example.com".into())
+        fn reverse(
+            &self,
+            _: std::net::IpAddr,
+            deadline: Instant,
+        ) -> Result<Option<String>, crate::resolve::TimedOut> {
+            let left = deadline.saturating_duration_since(Instant::now());
+            std::thread::sleep(self.delay.min(left));
+            if self.delay >= left {
+                return Err(crate::resolve::TimedOut);
+            }
+            Ok(Some("client.example.com".into()))
         }
-        fn forward(&self, _: &str) -> Vec<std::net::IpAddr> {
-            vec!["127.0.0.1".parse().unwrap()]
+        fn forward(
+            &self,
+            _: &str,
+            _: Instant,
+        ) -> Result<Vec<std::net::IpAddr>, crate::resolve::TimedOut> {
+            Ok(vec!["127.0.0.1".parse().unwrap()])
         }
     }
 

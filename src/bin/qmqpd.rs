@@ -7,7 +7,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
-use std::ffi::{CString, OsString};
+use std::ffi::OsString;
 use std::io::{self, IsTerminal, Write};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::{Context, anyhow};
-use nix::unistd::{Uid, User};
+use nix::unistd::{Gid, Uid};
 
 use qmqpd::agent::{self, Thresholds};
 use qmqpd::config::{self, Config, Source};
@@ -137,7 +137,13 @@ fn run() -> u8 {
     let bound = incoming.bind();
     let agent = match (&bound, cfg.params.qmqpd_agent_check_listen.as_str()) {
         (_, "") => None,
-        (Some(Ok(_)), addr) => match std::net::TcpListener::bind(addr) {
+        // The value is a numeric address:port (checked with the configuration): parsed here,
+        // so that binding never goes through getaddrinfo (NSS; the binary is static).
+        (Some(Ok(_)), addr) => match addr
+            .parse::<std::net::SocketAddr>()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+            .and_then(std::net::TcpListener::bind)
+        {
             Ok(l) => Some(l),
             Err(e) => {
                 return fail_logged(
@@ -293,23 +299,25 @@ fn stderr_ok(listener: bool) -> bool {
     !logging::stderr_is_connection(None)
 }
 
-/// Started as root: become `mail_owner` (with its groups) before reading the client.
+/// Started as root: become `mail_owner` (with its groups) before reading the client. The
+/// account comes from /etc/passwd and /etc/group, never from NSS (see `qmqpd::users`).
 fn switch_user(name: &str) -> anyhow::Result<()> {
     if !Uid::effective().is_root() {
         return Ok(());
     }
-    let user = User::from_name(name)
+    let user = qmqpd::users::find_account(name)
         .with_context(|| format!("cannot look up mail_owner {name:?}"))?
-        .ok_or_else(|| anyhow!("mail_owner {name:?}: no such user"))?;
-    if user.uid.is_root() {
+        .ok_or_else(|| anyhow!("mail_owner {name:?}: no such user in /etc/passwd"))?;
+    if user.uid == 0 {
         log::warn!("mail_owner {name:?} is root: qmqpd keeps running with all privileges");
         return Ok(());
     }
-    let cname = CString::new(name).context("mail_owner holds a NUL byte")?;
-    nix::unistd::initgroups(&cname, user.gid)
+    let groups: Vec<Gid> = user.groups.iter().copied().map(Gid::from_raw).collect();
+    nix::unistd::setgroups(&groups)
         .with_context(|| format!("cannot set the groups of {name:?}"))?;
-    nix::unistd::setgid(user.gid).with_context(|| format!("cannot set group id {}", user.gid))?;
-    nix::unistd::setuid(user.uid).with_context(|| format!("cannot set user id {}", user.uid))?;
+    let (uid, gid) = (Uid::from_raw(user.uid), Gid::from_raw(user.gid));
+    nix::unistd::setgid(gid).with_context(|| format!("cannot set group id {gid}"))?;
+    nix::unistd::setuid(uid).with_context(|| format!("cannot set user id {uid}"))?;
     Ok(())
 }
 
