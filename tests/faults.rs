@@ -426,6 +426,9 @@ fn rename_across_filesystems_answers_z_and_keeps_nothing() {
     assert!(reply.starts_with("KOk"), "{reply}");
 }
 
+/// Makes qmqpd write messages under a name in `tmp/` and rename them into `new/`.
+const RENAME: &[&str] = &["-o", "queue_commit_method=rename"];
+
 #[test]
 fn sigkill_during_transfer_leaves_nothing_in_new_and_tmp_is_cleaned_later() {
     const RUNS: usize = 20;
@@ -442,7 +445,7 @@ fn sigkill_during_transfer_leaves_nothing_in_new_and_tmp_is_cleaned_later() {
         let linger = Duration::from_micros(rng.range(0, 20_000));
         // Counted before qmqpd starts: it may create its file before the count otherwise.
         let tmp_before = q.files("tmp").len();
-        let mut child = common::stdin_qmqpd(&q, &[])
+        let mut child = common::stdin_qmqpd(&q, RENAME)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -485,23 +488,115 @@ fn sigkill_during_transfer_leaves_nothing_in_new_and_tmp_is_cleaned_later() {
     assert_eq!(leftovers.len(), RUNS, "each killed run left its tmp/ file");
 
     // Fresh leftovers stay (they may belong to running transactions) ...
-    let (reply, _) = transact(&q, &[], &request(MESSAGE, b"s@x", &[b"r@x"]));
+    let (reply, _) = transact(&q, RENAME, &request(MESSAGE, b"s@x", &[b"r@x"]));
     let kept = queue_id(&reply);
     assert_eq!(q.files("tmp").len(), RUNS, "fresh tmp/ files are kept");
-    // ... and go once older than 36 hours.
+    // ... and a listener removes them at its start once older than 36 hours (a one-shot
+    // leaves the scan to it and to qmqp-queue deliver).
     assert_eq!(backdate_files(&q.queue_dir().join("tmp")), RUNS);
-    let (reply, _) = transact(&q, &[], &request(MESSAGE, b"s@x", &[b"r@x"]));
+    let (reply, _) = transact(&q, RENAME, &request(MESSAGE, b"s@x", &[b"r@x"]));
+    assert_eq!(q.files("tmp").len(), RUNS, "no tmp/ scan per message");
     let mut want = vec![kept, queue_id(&reply)];
     want.sort();
-    assert!(
-        q.files("tmp").is_empty(),
-        "stale tmp/ files removed: {:?}",
-        q.files("tmp")
-    );
+    let server = Listener::start(&q, RENAME);
+    wait_until("stale tmp/ files removed", || q.files("tmp").is_empty());
+    drop(server);
     assert_eq!(ids_in_new(&q), want);
     assert!(
         q.log_text()
             .contains(&format!("removed {RUNS} stale files"))
+    );
+}
+
+/// How many unnamed (`O_TMPFILE`) files in `tmp_dir` process `pid` has open: their
+/// /proc/PID/fd links read `TMP_DIR/#INODE (deleted)`.
+fn unnamed_files(pid: u32, tmp_dir: &Path) -> usize {
+    let prefix = format!("{}/#", tmp_dir.display());
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|entries| {
+            entries
+                .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|target| {
+                    let target = target.to_string_lossy();
+                    target.starts_with(&prefix) && target.ends_with(" (deleted)")
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn sigkill_during_transfer_with_linkat_leaves_nothing_anywhere() {
+    const RUNS: usize = 5;
+    let q = TestQueue::new();
+    let linkat = ["-o", "queue_commit_method=linkat"];
+    let req = request(&vec![b'x'; 512 * 1024], b"s@x", &[b"r@x"]);
+    let mut rng = Rng::new();
+    for run in 0..RUNS {
+        let cut = usize::try_from(rng.range(20, req.len() as u64)).unwrap();
+        let mut child = common::stdin_qmqpd(&q, &linkat)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let part = req[..cut].to_vec();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(&part);
+            let _ = done_rx.recv_timeout(LIMIT);
+        });
+        let pid = child.id();
+        let tmp = q.queue_dir().join("tmp");
+        wait_until("qmqpd opens its unnamed file", || {
+            unnamed_files(pid, &tmp) == 1
+        });
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let _ = done_tx.send(());
+        writer.join().unwrap();
+        assert!(q.files("new").is_empty(), "run {run}: something in new/");
+        assert!(q.files("tmp").is_empty(), "run {run}: something in tmp/");
+    }
+}
+
+#[test]
+fn sigkill_of_linkat_listener_keeps_every_k_and_leaves_nothing_else() {
+    const DONE: usize = 4;
+    const OPEN: usize = 5;
+    let q = TestQueue::new();
+    let server = Listener::start(&q, &["-o", "queue_commit_method=linkat"]);
+    let mut accepted = Vec::new();
+    for i in 0..DONE {
+        let msg = format!("Subject: {i}\n\nbody {i}\n");
+        let reply = server.send(&request(msg.as_bytes(), b"s@x", &[b"r@x"]));
+        accepted.push(queue_id(&reply));
+    }
+    let req = request(&vec![b'y'; 256 * 1024], b"s@x", &[b"r@x"]);
+    let mut open = Vec::new();
+    for _ in 0..OPEN {
+        let mut stream = server.connect();
+        stream.write_all(&req[..req.len() / 2]).unwrap();
+        open.push(stream);
+    }
+    let tmp = q.queue_dir().join("tmp");
+    let pid = server.server.pid();
+    wait_until("every open transfer has its unnamed file", || {
+        unnamed_files(pid, &tmp) == OPEN
+    });
+    server.kill();
+    drop(open);
+    accepted.sort();
+    assert_eq!(
+        ids_in_new(&q),
+        accepted,
+        "exactly the K'd messages are in new/"
+    );
+    assert!(
+        q.files("tmp").is_empty(),
+        "nothing in tmp/: {:?}",
+        q.files("tmp")
     );
 }
 
@@ -510,7 +605,7 @@ fn sigkill_of_listener_keeps_every_k_and_nothing_partial() {
     const DONE: usize = 8;
     const OPEN: usize = 10;
     let q = TestQueue::new();
-    let server = Listener::start(&q, &[]);
+    let server = Listener::start(&q, RENAME);
     let mut accepted = Vec::new();
     for i in 0..DONE {
         let msg = format!("Subject: {i}\n\nbody {i}\n");
@@ -551,7 +646,7 @@ fn sigkill_of_listener_keeps_every_k_and_nothing_partial() {
 
     // A restarted listener removes the stale leftovers before serving.
     backdate_files(&q.queue_dir().join("tmp"));
-    let server = Listener::start(&q, &[]);
+    let server = Listener::start(&q, RENAME);
     wait_until("stale tmp/ files removed", || q.files("tmp").is_empty());
     let reply = server.send(&request(MESSAGE, b"s@x", &[b"r@x"]));
     accepted.push(queue_id(&reply));
@@ -560,25 +655,34 @@ fn sigkill_of_listener_keeps_every_k_and_nothing_partial() {
 }
 
 #[test]
-fn sigkill_between_rename_and_reply_keeps_the_message_at_least_once() {
+fn sigkill_between_naming_and_reply_keeps_the_message_at_least_once() {
     let Some(strace) = common::require_tool("strace") else {
         return;
     };
+    for (method, naming) in [("linkat", "linkat("), ("rename", "rename")] {
+        sigkill_between_naming_and_reply(&strace, method, naming);
+    }
+}
+
+/// With `queue_commit_method = method`, whose system call naming the file in new/ contains
+/// `naming`: SIGKILL after that call, before the reply.
+fn sigkill_between_naming_and_reply(strace: &Path, method: &str, naming: &str) {
     let q = TestQueue::new();
     let trace = q.dir.path().join("trace");
-    // The only fsync (not fdatasync) of a transaction is the one of new/ after the rename
-    // (tests/listen.rs checks the order): SIGKILL on entering it.
-    let mut cmd = Command::new(&strace);
+    // The only fsync (not fdatasync) of a transaction is the one of new/ after the file got
+    // its name there (tests/listen.rs checks the order): SIGKILL on entering it.
+    let mut cmd = Command::new(strace);
     cmd.args([
         "-f",
         "-qq",
         "-e",
-        "trace=fsync,fdatasync,rename,renameat,renameat2",
+        "trace=fsync,fdatasync,rename,renameat,renameat2,linkat",
     ])
     .args(["-e", "inject=fsync:signal=KILL:when=1", "-o"])
     .arg(&trace)
     .arg(common::qmqpd_bin())
     .args(q.args())
+    .args(["-o", &format!("queue_commit_method={method}")])
     .env("PROTO", "TCP")
     .env("TCPREMOTEIP", "127.0.0.1");
     common::clear_qmqpd_env(&mut cmd);
@@ -586,11 +690,11 @@ fn sigkill_between_rename_and_reply_keeps_the_message_at_least_once() {
     let out = run_bounded(&mut cmd, &req, LIMIT);
     let trace = std::fs::read_to_string(&trace).unwrap();
     let line = |what: &dyn Fn(&str) -> bool| trace.lines().position(what);
-    let renamed = line(&|l| l.contains("rename") && l.contains("/new/"));
+    let renamed = line(&|l| l.contains(naming) && l.contains("/new/"));
     let killed = line(&|l| l.contains("killed by SIGKILL"));
     assert!(
         matches!((renamed, killed), (Some(r), Some(k)) if r < k),
-        "killed after the rename into new/:\n{trace}"
+        "{method}: killed after naming the file in new/:\n{trace}"
     );
     assert!(
         out.stdout.is_empty(),
@@ -599,7 +703,7 @@ fn sigkill_between_rename_and_reply_keeps_the_message_at_least_once() {
     );
     assert!(
         q.files("tmp").is_empty(),
-        "the file left tmp/ before the kill"
+        "{method}: nothing in tmp/ after the kill"
     );
     let first = q.files("new");
     assert_eq!(
