@@ -12,7 +12,7 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use common::rng::Rng;
 use common::{QueueFile, Server, TestQueue, describe, request, run_bounded, wait_until};
@@ -790,4 +790,128 @@ fn tcp_client_disconnect_at_every_offset_queues_nothing() {
     assert!(resets > 0);
     assert!(server.send(&req).starts_with("KOk"));
     assert_eq!(q.files("new").len(), 1);
+}
+
+/// A FUSE file system without `O_TMPFILE`: bindfs(1) mirroring a directory onto another, in
+/// the foreground as our child; unmounted and reaped on drop.
+struct Bindfs {
+    path: PathBuf,
+    child: std::process::Child,
+}
+
+impl Bindfs {
+    /// Mirrors `backing` onto `path`. None (after saying why) where that cannot be done:
+    /// bindfs missing (fails under QMQPD_REQUIRE_INTEROP=1, as .ci/setup installs it), no
+    /// /dev/fuse, a mount refused.
+    fn mount(backing: &Path, path: &Path) -> Option<Bindfs> {
+        let bindfs = common::require_tool("bindfs")?;
+        if !Path::new("/dev/fuse").exists() {
+            return common::skip_or_fail("no /dev/fuse");
+        }
+        std::fs::create_dir_all(backing).unwrap();
+        let child = Command::new(bindfs)
+            .arg("-f")
+            .arg(backing)
+            .arg(path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut mount = Bindfs {
+            path: path.to_path_buf(),
+            child,
+        };
+        let mounted = format!(" {} ", path.display());
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+            if table
+                .lines()
+                .any(|l| l.contains(&mounted) && l.contains("fuse"))
+            {
+                return Some(mount);
+            }
+            if let Ok(Some(status)) = mount.child.try_wait() {
+                return common::skip_or_fail(&format!("bindfs exited: {status}"));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "bindfs did not mount {}",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Bindfs {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.path)
+            .stdin(Stdio::null())
+            .output();
+        let deadline = Instant::now() + LIMIT;
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_queue_without_o_tmpfile_falls_back_to_rename_once_and_forced_linkat_fails_clearly() {
+    let q = TestQueue::new();
+    let Some(_fuse) = Bindfs::mount(&q.dir.path().join("backing"), &q.queue_dir()) else {
+        return;
+    };
+    let req = request(MESSAGE, b"s@x", &[b"r@x"]);
+    const FALLBACK: &str = "has no O_TMPFILE";
+
+    // auto: the one-shot commits by rename.
+    let (reply, status) = transact(&q, &[], &req);
+    assert!(reply.starts_with("KOk"), "{reply}\n{}", q.log_text());
+    assert_eq!(status, Some(0));
+    assert_eq!(q.files("new").len(), 1);
+    assert!(q.files("tmp").is_empty());
+    assert_eq!(
+        q.log_text().matches(FALLBACK).count(),
+        1,
+        "{}",
+        q.log_text()
+    );
+
+    // auto: a listener decides once, at its first message, for the whole process.
+    let server = Listener::start(&q, &[]);
+    for _ in 0..3 {
+        let reply = server.send(&req);
+        assert!(reply.starts_with("KOk"), "{reply}\n{}", q.log_text());
+    }
+    server.kill();
+    assert_eq!(q.files("new").len(), 4);
+    assert!(q.files("tmp").is_empty());
+    assert_eq!(
+        q.log_text().matches(FALLBACK).count(),
+        2,
+        "{}",
+        q.log_text()
+    );
+
+    // linkat forced: the message fails with a write error, and the log says why.
+    let (reply, status) = transact(&q, &["-o", "queue_commit_method=linkat"], &req);
+    assert_eq!(reply, "ZError: queue file write error", "{}", q.log_text());
+    assert_eq!(status, Some(75), "a local failure");
+    let log = q.log_text();
+    let why = log
+        .lines()
+        .find(|l| l.contains("cannot write queue file"))
+        .unwrap_or_else(|| panic!("no write error logged:\n{log}"));
+    assert!(
+        why.contains("O_TMPFILE") && why.contains("queue_commit_method = linkat"),
+        "{why}"
+    );
+    assert_eq!(q.files("new").len(), 4);
+    assert!(q.files("tmp").is_empty());
 }
