@@ -429,6 +429,49 @@ fn rename_across_filesystems_answers_z_and_keeps_nothing() {
 /// Makes qmqpd write messages under a name in `tmp/` and rename them into `new/`.
 const RENAME: &[&str] = &["-o", "queue_commit_method=rename"];
 
+/// A one-shot qmqpd fed part of a request on stdin by a thread that keeps the pipe open until
+/// `kill`, so qmqpd is still reading when it dies.
+struct Feeding {
+    child: std::process::Child,
+    done: std::sync::mpsc::Sender<()>,
+    writer: std::thread::JoinHandle<()>,
+}
+
+impl Feeding {
+    fn start(q: &TestQueue, extra: &[&str], part: Vec<u8>) -> Feeding {
+        let mut child = common::stdin_qmqpd(q, extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let (done, done_rx) = std::sync::mpsc::channel::<()>();
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(&part);
+            let _ = done_rx.recv_timeout(LIMIT);
+        });
+        Feeding {
+            child,
+            done,
+            writer,
+        }
+    }
+
+    /// SIGKILL; the exit status and whatever qmqpd replied.
+    fn kill(mut self) -> (std::process::ExitStatus, Vec<u8>) {
+        self.child.kill().unwrap();
+        let status = self.child.wait().unwrap();
+        let _ = self.done.send(());
+        self.writer.join().unwrap();
+        let mut reply = Vec::new();
+        if let Some(mut stdout) = self.child.stdout.take() {
+            stdout.read_to_end(&mut reply).unwrap();
+        }
+        (status, reply)
+    }
+}
+
 #[test]
 fn sigkill_during_transfer_leaves_nothing_in_new_and_tmp_is_cleaned_later() {
     const RUNS: usize = 20;
@@ -445,35 +488,12 @@ fn sigkill_during_transfer_leaves_nothing_in_new_and_tmp_is_cleaned_later() {
         let linger = Duration::from_micros(rng.range(0, 20_000));
         // Counted before qmqpd starts: it may create its file before the count otherwise.
         let tmp_before = q.files("tmp").len();
-        let mut child = common::stdin_qmqpd(&q, RENAME)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut stdin = child.stdin.take().unwrap();
-        let part = req[..cut].to_vec();
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-        let writer = std::thread::spawn(move || {
-            let _ = stdin.write_all(&part);
-            // Keep the pipe open until the kill, so qmqpd is still reading when it dies.
-            let _ = done_rx.recv_timeout(LIMIT);
-        });
+        let feeding = Feeding::start(&q, RENAME, req[..cut].to_vec());
         wait_until("qmqpd creates its tmp/ file", || {
             q.files("tmp").len() > tmp_before
         });
         std::thread::sleep(linger);
-        child.kill().unwrap();
-        let status = child.wait().unwrap();
-        let _ = done_tx.send(());
-        writer.join().unwrap();
-        let mut reply = Vec::new();
-        child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_end(&mut reply)
-            .unwrap();
+        let (status, reply) = feeding.kill();
         assert!(
             reply.is_empty(),
             "run {run}: a reply before the end: {reply:?}"
@@ -534,28 +554,13 @@ fn sigkill_during_transfer_with_linkat_leaves_nothing_anywhere() {
     let mut rng = Rng::new();
     for run in 0..RUNS {
         let cut = usize::try_from(rng.range(20, req.len() as u64)).unwrap();
-        let mut child = common::stdin_qmqpd(&q, &linkat)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut stdin = child.stdin.take().unwrap();
-        let part = req[..cut].to_vec();
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-        let writer = std::thread::spawn(move || {
-            let _ = stdin.write_all(&part);
-            let _ = done_rx.recv_timeout(LIMIT);
-        });
-        let pid = child.id();
+        let feeding = Feeding::start(&q, &linkat, req[..cut].to_vec());
         let tmp = q.queue_dir().join("tmp");
         wait_until("qmqpd opens its unnamed file", || {
-            unnamed_files(pid, &tmp) == 1
+            unnamed_files(feeding.child.id(), &tmp) == 1
         });
-        child.kill().unwrap();
-        child.wait().unwrap();
-        let _ = done_tx.send(());
-        writer.join().unwrap();
+        let (_, reply) = feeding.kill();
+        assert!(reply.is_empty(), "run {run}: a reply before the end");
         assert!(q.files("new").is_empty(), "run {run}: something in new/");
         assert!(q.files("tmp").is_empty(), "run {run}: something in tmp/");
     }
