@@ -528,23 +528,6 @@ fn sigkill_during_transfer_leaves_nothing_in_new_and_tmp_is_cleaned_later() {
     );
 }
 
-/// How many unnamed (`O_TMPFILE`) files in `tmp_dir` process `pid` has open: their
-/// /proc/PID/fd links read `TMP_DIR/#INODE (deleted)`.
-fn unnamed_files(pid: u32, tmp_dir: &Path) -> usize {
-    let prefix = format!("{}/#", tmp_dir.display());
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|entries| {
-            entries
-                .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-                .filter(|target| {
-                    let target = target.to_string_lossy();
-                    target.starts_with(&prefix) && target.ends_with(" (deleted)")
-                })
-                .count()
-        })
-        .unwrap_or(0)
-}
-
 #[test]
 fn sigkill_during_transfer_with_linkat_leaves_nothing_anywhere() {
     const RUNS: usize = 5;
@@ -557,7 +540,7 @@ fn sigkill_during_transfer_with_linkat_leaves_nothing_anywhere() {
         let feeding = Feeding::start(&q, &linkat, req[..cut].to_vec());
         let tmp = q.queue_dir().join("tmp");
         wait_until("qmqpd opens its unnamed file", || {
-            unnamed_files(feeding.child.id(), &tmp) == 1
+            common::unnamed_files(feeding.child.id(), &tmp) == 1
         });
         let (_, reply) = feeding.kill();
         assert!(reply.is_empty(), "run {run}: a reply before the end");
@@ -588,7 +571,7 @@ fn sigkill_of_linkat_listener_keeps_every_k_and_leaves_nothing_else() {
     let tmp = q.queue_dir().join("tmp");
     let pid = server.server.pid();
     wait_until("every open transfer has its unnamed file", || {
-        unnamed_files(pid, &tmp) == OPEN
+        common::unnamed_files(pid, &tmp) == OPEN
     });
     server.kill();
     drop(open);
