@@ -104,7 +104,8 @@ impl Service {
         {
             log::warn!("{warning}");
         }
-        let queue = Queue::new(&params.queue_directory, &params.myhostname);
+        let queue = Queue::new(&params.queue_directory, &params.myhostname)
+            .with_commit_method(params.queue_commit_method);
         let peername_limit = PEERNAME_LIMIT.min(params.qmqpd_timeout);
         Ok(Service {
             params,

@@ -12,7 +12,7 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use common::rng::Rng;
 use common::{QueueFile, Server, TestQueue, describe, request, run_bounded, wait_until};
@@ -426,6 +426,52 @@ fn rename_across_filesystems_answers_z_and_keeps_nothing() {
     assert!(reply.starts_with("KOk"), "{reply}");
 }
 
+/// Makes qmqpd write messages under a name in `tmp/` and rename them into `new/`.
+const RENAME: &[&str] = &["-o", "queue_commit_method=rename"];
+
+/// A one-shot qmqpd fed part of a request on stdin by a thread that keeps the pipe open until
+/// `kill`, so qmqpd is still reading when it dies.
+struct Feeding {
+    child: std::process::Child,
+    done: std::sync::mpsc::Sender<()>,
+    writer: std::thread::JoinHandle<()>,
+}
+
+impl Feeding {
+    fn start(q: &TestQueue, extra: &[&str], part: Vec<u8>) -> Feeding {
+        let mut child = common::stdin_qmqpd(q, extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let (done, done_rx) = std::sync::mpsc::channel::<()>();
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(&part);
+            let _ = done_rx.recv_timeout(LIMIT);
+        });
+        Feeding {
+            child,
+            done,
+            writer,
+        }
+    }
+
+    /// SIGKILL; the exit status and whatever qmqpd replied.
+    fn kill(mut self) -> (std::process::ExitStatus, Vec<u8>) {
+        self.child.kill().unwrap();
+        let status = self.child.wait().unwrap();
+        let _ = self.done.send(());
+        self.writer.join().unwrap();
+        let mut reply = Vec::new();
+        if let Some(mut stdout) = self.child.stdout.take() {
+            stdout.read_to_end(&mut reply).unwrap();
+        }
+        (status, reply)
+    }
+}
+
 #[test]
 fn sigkill_during_transfer_leaves_nothing_in_new_and_tmp_is_cleaned_later() {
     const RUNS: usize = 20;
@@ -442,35 +488,12 @@ fn sigkill_during_transfer_leaves_nothing_in_new_and_tmp_is_cleaned_later() {
         let linger = Duration::from_micros(rng.range(0, 20_000));
         // Counted before qmqpd starts: it may create its file before the count otherwise.
         let tmp_before = q.files("tmp").len();
-        let mut child = common::stdin_qmqpd(&q, &[])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut stdin = child.stdin.take().unwrap();
-        let part = req[..cut].to_vec();
-        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
-        let writer = std::thread::spawn(move || {
-            let _ = stdin.write_all(&part);
-            // Keep the pipe open until the kill, so qmqpd is still reading when it dies.
-            let _ = done_rx.recv_timeout(LIMIT);
-        });
+        let feeding = Feeding::start(&q, RENAME, req[..cut].to_vec());
         wait_until("qmqpd creates its tmp/ file", || {
             q.files("tmp").len() > tmp_before
         });
         std::thread::sleep(linger);
-        child.kill().unwrap();
-        let status = child.wait().unwrap();
-        let _ = done_tx.send(());
-        writer.join().unwrap();
-        let mut reply = Vec::new();
-        child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_end(&mut reply)
-            .unwrap();
+        let (status, reply) = feeding.kill();
         assert!(
             reply.is_empty(),
             "run {run}: a reply before the end: {reply:?}"
@@ -485,19 +508,19 @@ fn sigkill_during_transfer_leaves_nothing_in_new_and_tmp_is_cleaned_later() {
     assert_eq!(leftovers.len(), RUNS, "each killed run left its tmp/ file");
 
     // Fresh leftovers stay (they may belong to running transactions) ...
-    let (reply, _) = transact(&q, &[], &request(MESSAGE, b"s@x", &[b"r@x"]));
+    let (reply, _) = transact(&q, RENAME, &request(MESSAGE, b"s@x", &[b"r@x"]));
     let kept = queue_id(&reply);
     assert_eq!(q.files("tmp").len(), RUNS, "fresh tmp/ files are kept");
-    // ... and go once older than 36 hours.
+    // ... and a listener removes them at its start once older than 36 hours (a one-shot
+    // leaves the scan to it and to qmqp-queue deliver).
     assert_eq!(backdate_files(&q.queue_dir().join("tmp")), RUNS);
-    let (reply, _) = transact(&q, &[], &request(MESSAGE, b"s@x", &[b"r@x"]));
+    let (reply, _) = transact(&q, RENAME, &request(MESSAGE, b"s@x", &[b"r@x"]));
+    assert_eq!(q.files("tmp").len(), RUNS, "no tmp/ scan per message");
     let mut want = vec![kept, queue_id(&reply)];
     want.sort();
-    assert!(
-        q.files("tmp").is_empty(),
-        "stale tmp/ files removed: {:?}",
-        q.files("tmp")
-    );
+    let server = Listener::start(&q, RENAME);
+    wait_until("stale tmp/ files removed", || q.files("tmp").is_empty());
+    drop(server);
     assert_eq!(ids_in_new(&q), want);
     assert!(
         q.log_text()
@@ -506,11 +529,71 @@ fn sigkill_during_transfer_leaves_nothing_in_new_and_tmp_is_cleaned_later() {
 }
 
 #[test]
+fn sigkill_during_transfer_with_linkat_leaves_nothing_anywhere() {
+    const RUNS: usize = 5;
+    let q = TestQueue::new();
+    let linkat = ["-o", "queue_commit_method=linkat"];
+    let req = request(&vec![b'x'; 512 * 1024], b"s@x", &[b"r@x"]);
+    let mut rng = Rng::new();
+    for run in 0..RUNS {
+        let cut = usize::try_from(rng.range(20, req.len() as u64)).unwrap();
+        let feeding = Feeding::start(&q, &linkat, req[..cut].to_vec());
+        let tmp = q.queue_dir().join("tmp");
+        wait_until("qmqpd opens its unnamed file", || {
+            common::unnamed_files(feeding.child.id(), &tmp) == 1
+        });
+        let (_, reply) = feeding.kill();
+        assert!(reply.is_empty(), "run {run}: a reply before the end");
+        assert!(q.files("new").is_empty(), "run {run}: something in new/");
+        assert!(q.files("tmp").is_empty(), "run {run}: something in tmp/");
+    }
+}
+
+#[test]
+fn sigkill_of_linkat_listener_keeps_every_k_and_leaves_nothing_else() {
+    const DONE: usize = 4;
+    const OPEN: usize = 5;
+    let q = TestQueue::new();
+    let server = Listener::start(&q, &["-o", "queue_commit_method=linkat"]);
+    let mut accepted = Vec::new();
+    for i in 0..DONE {
+        let msg = format!("Subject: {i}\n\nbody {i}\n");
+        let reply = server.send(&request(msg.as_bytes(), b"s@x", &[b"r@x"]));
+        accepted.push(queue_id(&reply));
+    }
+    let req = request(&vec![b'y'; 256 * 1024], b"s@x", &[b"r@x"]);
+    let mut open = Vec::new();
+    for _ in 0..OPEN {
+        let mut stream = server.connect();
+        stream.write_all(&req[..req.len() / 2]).unwrap();
+        open.push(stream);
+    }
+    let tmp = q.queue_dir().join("tmp");
+    let pid = server.server.pid();
+    wait_until("every open transfer has its unnamed file", || {
+        common::unnamed_files(pid, &tmp) == OPEN
+    });
+    server.kill();
+    drop(open);
+    accepted.sort();
+    assert_eq!(
+        ids_in_new(&q),
+        accepted,
+        "exactly the K'd messages are in new/"
+    );
+    assert!(
+        q.files("tmp").is_empty(),
+        "nothing in tmp/: {:?}",
+        q.files("tmp")
+    );
+}
+
+#[test]
 fn sigkill_of_listener_keeps_every_k_and_nothing_partial() {
     const DONE: usize = 8;
     const OPEN: usize = 10;
     let q = TestQueue::new();
-    let server = Listener::start(&q, &[]);
+    let server = Listener::start(&q, RENAME);
     let mut accepted = Vec::new();
     for i in 0..DONE {
         let msg = format!("Subject: {i}\n\nbody {i}\n");
@@ -551,7 +634,7 @@ fn sigkill_of_listener_keeps_every_k_and_nothing_partial() {
 
     // A restarted listener removes the stale leftovers before serving.
     backdate_files(&q.queue_dir().join("tmp"));
-    let server = Listener::start(&q, &[]);
+    let server = Listener::start(&q, RENAME);
     wait_until("stale tmp/ files removed", || q.files("tmp").is_empty());
     let reply = server.send(&request(MESSAGE, b"s@x", &[b"r@x"]));
     accepted.push(queue_id(&reply));
@@ -560,25 +643,34 @@ fn sigkill_of_listener_keeps_every_k_and_nothing_partial() {
 }
 
 #[test]
-fn sigkill_between_rename_and_reply_keeps_the_message_at_least_once() {
+fn sigkill_between_naming_and_reply_keeps_the_message_at_least_once() {
     let Some(strace) = common::require_tool("strace") else {
         return;
     };
+    for (method, naming) in [("linkat", "linkat("), ("rename", "rename")] {
+        sigkill_between_naming_and_reply(&strace, method, naming);
+    }
+}
+
+/// With `queue_commit_method = method`, whose system call naming the file in new/ contains
+/// `naming`: SIGKILL after that call, before the reply.
+fn sigkill_between_naming_and_reply(strace: &Path, method: &str, naming: &str) {
     let q = TestQueue::new();
     let trace = q.dir.path().join("trace");
-    // The only fsync (not fdatasync) of a transaction is the one of new/ after the rename
-    // (tests/listen.rs checks the order): SIGKILL on entering it.
-    let mut cmd = Command::new(&strace);
+    // The only fsync (not fdatasync) of a transaction is the one of new/ after the file got
+    // its name there (tests/listen.rs checks the order): SIGKILL on entering it.
+    let mut cmd = Command::new(strace);
     cmd.args([
         "-f",
         "-qq",
         "-e",
-        "trace=fsync,fdatasync,rename,renameat,renameat2",
+        "trace=fsync,fdatasync,rename,renameat,renameat2,linkat",
     ])
     .args(["-e", "inject=fsync:signal=KILL:when=1", "-o"])
     .arg(&trace)
     .arg(common::qmqpd_bin())
     .args(q.args())
+    .args(["-o", &format!("queue_commit_method={method}")])
     .env("PROTO", "TCP")
     .env("TCPREMOTEIP", "127.0.0.1");
     common::clear_qmqpd_env(&mut cmd);
@@ -586,11 +678,11 @@ fn sigkill_between_rename_and_reply_keeps_the_message_at_least_once() {
     let out = run_bounded(&mut cmd, &req, LIMIT);
     let trace = std::fs::read_to_string(&trace).unwrap();
     let line = |what: &dyn Fn(&str) -> bool| trace.lines().position(what);
-    let renamed = line(&|l| l.contains("rename") && l.contains("/new/"));
+    let renamed = line(&|l| l.contains(naming) && l.contains("/new/"));
     let killed = line(&|l| l.contains("killed by SIGKILL"));
     assert!(
         matches!((renamed, killed), (Some(r), Some(k)) if r < k),
-        "killed after the rename into new/:\n{trace}"
+        "{method}: killed after naming the file in new/:\n{trace}"
     );
     assert!(
         out.stdout.is_empty(),
@@ -599,7 +691,7 @@ fn sigkill_between_rename_and_reply_keeps_the_message_at_least_once() {
     );
     assert!(
         q.files("tmp").is_empty(),
-        "the file left tmp/ before the kill"
+        "{method}: nothing in tmp/ after the kill"
     );
     let first = q.files("new");
     assert_eq!(
@@ -686,4 +778,128 @@ fn tcp_client_disconnect_at_every_offset_queues_nothing() {
     assert!(resets > 0);
     assert!(server.send(&req).starts_with("KOk"));
     assert_eq!(q.files("new").len(), 1);
+}
+
+/// A FUSE file system without `O_TMPFILE`: bindfs(1) mirroring a directory onto another, in
+/// the foreground as our child; unmounted and reaped on drop.
+struct Bindfs {
+    path: PathBuf,
+    child: std::process::Child,
+}
+
+impl Bindfs {
+    /// Mirrors `backing` onto `path`. None (after saying why) where that cannot be done:
+    /// bindfs missing (fails under QMQPD_REQUIRE_INTEROP=1, as .ci/setup installs it), no
+    /// /dev/fuse, a mount refused.
+    fn mount(backing: &Path, path: &Path) -> Option<Bindfs> {
+        let bindfs = common::require_tool("bindfs")?;
+        if !Path::new("/dev/fuse").exists() {
+            return common::skip_or_fail("no /dev/fuse");
+        }
+        std::fs::create_dir_all(backing).unwrap();
+        let child = Command::new(bindfs)
+            .arg("-f")
+            .arg(backing)
+            .arg(path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut mount = Bindfs {
+            path: path.to_path_buf(),
+            child,
+        };
+        let mounted = format!(" {} ", path.display());
+        let deadline = Instant::now() + LIMIT;
+        loop {
+            let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+            if table
+                .lines()
+                .any(|l| l.contains(&mounted) && l.contains("fuse"))
+            {
+                return Some(mount);
+            }
+            if let Ok(Some(status)) = mount.child.try_wait() {
+                return common::skip_or_fail(&format!("bindfs exited: {status}"));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "bindfs did not mount {}",
+                path.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Bindfs {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.path)
+            .stdin(Stdio::null())
+            .output();
+        let deadline = Instant::now() + LIMIT;
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_queue_without_o_tmpfile_falls_back_to_rename_once_and_forced_linkat_fails_clearly() {
+    let q = TestQueue::new();
+    let Some(_fuse) = Bindfs::mount(&q.dir.path().join("backing"), &q.queue_dir()) else {
+        return;
+    };
+    let req = request(MESSAGE, b"s@x", &[b"r@x"]);
+    const FALLBACK: &str = "has no O_TMPFILE";
+
+    // auto: the one-shot commits by rename.
+    let (reply, status) = transact(&q, &[], &req);
+    assert!(reply.starts_with("KOk"), "{reply}\n{}", q.log_text());
+    assert_eq!(status, Some(0));
+    assert_eq!(q.files("new").len(), 1);
+    assert!(q.files("tmp").is_empty());
+    assert_eq!(
+        q.log_text().matches(FALLBACK).count(),
+        1,
+        "{}",
+        q.log_text()
+    );
+
+    // auto: a listener decides once, at its first message, for the whole process.
+    let server = Listener::start(&q, &[]);
+    for _ in 0..3 {
+        let reply = server.send(&req);
+        assert!(reply.starts_with("KOk"), "{reply}\n{}", q.log_text());
+    }
+    server.kill();
+    assert_eq!(q.files("new").len(), 4);
+    assert!(q.files("tmp").is_empty());
+    assert_eq!(
+        q.log_text().matches(FALLBACK).count(),
+        2,
+        "{}",
+        q.log_text()
+    );
+
+    // linkat forced: the message fails with a write error, and the log says why.
+    let (reply, status) = transact(&q, &["-o", "queue_commit_method=linkat"], &req);
+    assert_eq!(reply, "ZError: queue file write error", "{}", q.log_text());
+    assert_eq!(status, Some(75), "a local failure");
+    let log = q.log_text();
+    let why = log
+        .lines()
+        .find(|l| l.contains("cannot write queue file"))
+        .unwrap_or_else(|| panic!("no write error logged:\n{log}"));
+    assert!(
+        why.contains("O_TMPFILE") && why.contains("queue_commit_method = linkat"),
+        "{why}"
+    );
+    assert_eq!(q.files("new").len(), 4);
+    assert!(q.files("tmp").is_empty());
 }

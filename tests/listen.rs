@@ -177,56 +177,173 @@ fn stdin_socket_on_fds_0_1_2_gets_only_the_reply() {
     assert_eq!(status.code(), Some(0));
 }
 
+/// The commit paths the durability order is checked for.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Commit {
+    /// `open(O_TMPFILE)` → write → fdatasync → linkat → fsync(new/) → reply.
+    Linkat,
+    /// `open(tmp/…)` → write → fdatasync → rename → fsync(new/) → reply.
+    Rename,
+}
+
+/// The system calls strace records for the durability order.
+const TRACED: &str = "trace=openat,fsync,fdatasync,rename,renameat,renameat2,link,linkat,write";
+
+/// Checks in `trace` that the queue file was created by `commit`'s way, its data synced,
+/// then named in new/, then new/ synced, and only then `K` written.
+fn assert_durability_order(commit: Commit, trace: &str) {
+    let find_after = |from: usize, what: &dyn Fn(&str) -> bool, name: &str| {
+        trace
+            .lines()
+            .enumerate()
+            .skip(from)
+            .find(|(_, l)| what(l))
+            .map(|(i, _)| i)
+            .unwrap_or_else(|| panic!("{commit:?}: no {name} after line {from}:\n{trace}"))
+    };
+    let create = find_after(
+        0,
+        &|l| match commit {
+            Commit::Linkat => {
+                l.contains("openat(") && l.contains("/tmp\"") && l.contains("O_TMPFILE")
+            }
+            Commit::Rename => l.contains("openat(") && l.contains("/tmp/") && l.contains("O_CREAT"),
+        },
+        "creation",
+    );
+    let data = find_after(
+        create + 1,
+        &|l| l.contains(" write(") && l.contains("queue_id"),
+        "write",
+    );
+    let sync_file = find_after(data + 1, &|l| l.contains("fdatasync("), "fdatasync");
+    let name = find_after(
+        sync_file + 1,
+        &|l| match commit {
+            Commit::Linkat => {
+                l.contains("linkat(") && l.contains("/proc/self/fd/") && l.contains("/new/")
+            }
+            Commit::Rename => l.contains("rename") && l.contains("/tmp/") && l.contains("/new/"),
+        },
+        "naming in new/",
+    );
+    let sync_dir = find_after(
+        name + 1,
+        &|l| l.contains("fsync(") && !l.contains("fdatasync"),
+        "directory fsync",
+    );
+    let reply = find_after(
+        sync_dir + 1,
+        &|l| l.contains(" write(") && l.contains(":KOk: queued as"),
+        "K reply",
+    );
+    assert!(reply > sync_dir, "{commit:?}: order wrong:\n{trace}");
+    let other = match commit {
+        Commit::Linkat => "rename",
+        Commit::Rename => "linkat(",
+    };
+    assert!(
+        !trace
+            .lines()
+            .any(|l| l.contains(other) && l.contains("/new/")),
+        "{commit:?}: the other commit path was taken too:\n{trace}"
+    );
+}
+
+fn commit_args(commit: Commit) -> [&'static str; 2] {
+    match commit {
+        Commit::Linkat => ["-o", "queue_commit_method=linkat"],
+        Commit::Rename => ["-o", "queue_commit_method=rename"],
+    }
+}
+
 #[test]
-fn durability_order_is_sync_rename_sync_dir_then_reply() {
+fn durability_order_is_sync_name_sync_dir_then_reply_in_one_shot_mode() {
     let Some(strace) = common::require_tool("strace") else {
         return;
     };
-    let q = TestQueue::new();
-    let trace = q.dir.path().join("trace");
-    let mut cmd = Command::new(strace);
-    cmd.args([
-        "-f",
-        "-qq",
-        "-e",
-        "trace=fsync,fdatasync,rename,renameat,renameat2,write",
-        "-o",
-    ])
-    .arg(&trace)
-    .arg(common::qmqpd_bin())
-    .args(q.args())
-    .env("PROTO", "TCP")
-    .env("TCPREMOTEIP", "127.0.0.1");
-    let out = common::run_bounded(
-        &mut cmd,
-        &request(b"Subject: x\n\nbody\n", b"s@x", &[b"r@x"]),
-        LIMIT,
-    );
-    assert!(
-        common::text(&out.stdout).contains("KOk"),
-        "{}",
-        describe(&out)
-    );
-    let trace = std::fs::read_to_string(&trace).unwrap();
-    let find = |what: &dyn Fn(&str) -> bool| {
-        trace
-            .lines()
-            .position(what)
-            .unwrap_or_else(|| panic!("not in trace:\n{trace}"))
+    for commit in [Commit::Linkat, Commit::Rename] {
+        let q = TestQueue::new();
+        let trace = q.dir.path().join("trace");
+        let mut cmd = Command::new(&strace);
+        cmd.args(["-f", "-qq", "-s", "256", "-e", TRACED, "-o"])
+            .arg(&trace)
+            .arg(common::qmqpd_bin())
+            .args(q.args())
+            .args(commit_args(commit))
+            .env("PROTO", "TCP")
+            .env("TCPREMOTEIP", "127.0.0.1");
+        let out = common::run_bounded(
+            &mut cmd,
+            &request(b"Subject: x\n\nbody\n", b"s@x", &[b"r@x"]),
+            LIMIT,
+        );
+        assert!(
+            common::text(&out.stdout).contains("KOk"),
+            "{commit:?}: {}",
+            describe(&out)
+        );
+        assert_durability_order(commit, &std::fs::read_to_string(&trace).unwrap());
+    }
+}
+
+/// strace attached to a running process; detached (SIGTERM, so the trace is complete) and
+/// reaped on drop.
+struct Tracer(std::process::Child);
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).unwrap());
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + LIMIT;
+        while matches!(self.0.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn durability_order_is_sync_name_sync_dir_then_reply_in_listener_mode() {
+    let Some(strace) = common::require_tool("strace") else {
+        return;
     };
-    let sync_file =
-        find(&|l| l.contains("fdatasync(") || (l.contains("fsync(") && !l.contains("fdatasync")));
-    let rename = find(&|l| l.contains("rename") && l.contains("/tmp/") && l.contains("/new/"));
-    let sync_dir = trace
-        .lines()
-        .enumerate()
-        .skip(rename + 1)
-        .find(|(_, l)| l.contains("fsync("))
-        .map(|(i, _)| i)
-        .unwrap_or_else(|| panic!("no directory fsync after rename:\n{trace}"));
-    let reply = find(&|l| l.contains(" write(") && l.contains(":KOk: queued as"));
-    assert!(
-        sync_file < rename && rename < sync_dir && sync_dir < reply,
-        "order wrong:\n{trace}"
-    );
+    for commit in [Commit::Linkat, Commit::Rename] {
+        let q = TestQueue::new();
+        let server = Server::start(&q, &commit_args(commit));
+        let trace = q.dir.path().join("trace");
+        let tracer = Tracer(
+            Command::new(&strace)
+                .args(["-f", "-qq", "-s", "256", "-e", TRACED, "-o"])
+                .arg(&trace)
+                .arg("-p")
+                .arg(server.pid().to_string())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let status = format!("/proc/{}/status", server.pid());
+        let deadline = std::time::Instant::now() + LIMIT;
+        while !std::fs::read_to_string(&status)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.starts_with("TracerPid:") && l.trim_end() != "TracerPid:\t0")
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "strace did not attach"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let reply = common::send_on(
+            TcpStream::connect(server.addr).unwrap(),
+            &request(b"Subject: x\n\nbody\n", b"s@x", &[b"r@x"]),
+        );
+        assert!(reply.starts_with("KOk"), "{commit:?}: {reply}");
+        drop(tracer);
+        drop(server);
+        assert_durability_order(commit, &std::fs::read_to_string(&trace).unwrap());
+    }
 }

@@ -120,10 +120,19 @@ fn listen_mode_logs_to_stderr_shared_with_stdout() {
     drop(guard);
 }
 
+/// Both ways a queue file is written: unnamed, or named in tmp/.
+const COMMIT_METHODS: [&str; 2] = ["queue_commit_method=linkat", "queue_commit_method=rename"];
+
 #[test]
 fn sigterm_cuts_off_a_per_connection_transaction_removing_its_queue_file() {
+    for method in COMMIT_METHODS {
+        sigterm_cuts_off_a_per_connection_transaction(method);
+    }
+}
+
+fn sigterm_cuts_off_a_per_connection_transaction(method: &str) {
     let q = TestQueue::new();
-    let mut child = stdin_qmqpd(&q, &[])
+    let mut child = stdin_qmqpd(&q, &["-o", method])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -136,8 +145,11 @@ fn sigterm_cuts_off_a_per_connection_transaction_removing_its_queue_file() {
         .write_all(b"1000:500:Subject: cut off\n\nfirst")
         .unwrap();
     stdin.flush().unwrap();
-    common::wait_until("the queue file in tmp/", || q.files("tmp").len() == 1);
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.0.id()).unwrap());
+    let pid = child.0.id();
+    common::wait_until("the queue file", || {
+        common::files_being_written(&q, pid) == 1
+    });
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let status = common::wait_bounded(child.0, LIMIT).expect("qmqpd did not stop");
     drop(stdin);
@@ -173,13 +185,21 @@ fn sigterm_cuts_off_a_per_connection_transaction_removing_its_queue_file() {
 
 #[test]
 fn sigterm_cuts_off_a_listener_transaction_after_the_grace_period() {
+    for method in COMMIT_METHODS {
+        sigterm_cuts_off_a_listener_transaction(method);
+    }
+}
+
+fn sigterm_cuts_off_a_listener_transaction(method: &str) {
     let q = TestQueue::new();
     // The grace period is qmqpd_timeout here (shorter than 30 s); a client that keeps
     // sending is never cut by the timeout itself.
-    let mut server = common::Server::start(&q, &["-o", "qmqpd_timeout=2s"]);
+    let mut server = common::Server::start(&q, &["-o", "qmqpd_timeout=2s", "-o", method]);
     let mut stream = server.connect();
     stream.write_all(b"100000:99000:Subject: slow\n\n").unwrap();
-    common::wait_until("the queue file in tmp/", || q.files("tmp").len() == 1);
+    common::wait_until("the queue file", || {
+        common::files_being_written(&q, server.pid()) == 1
+    });
     let pid = nix::unistd::Pid::from_raw(i32::try_from(server.pid()).unwrap());
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let dribbler = std::thread::spawn(move || {

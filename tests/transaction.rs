@@ -649,7 +649,7 @@ fn stdin_truncated_request_at_every_offset_queues_nothing() {
 }
 
 #[test]
-fn stdin_cleans_stale_tmp_files() {
+fn stale_tmp_files_stay_after_a_one_shot_and_go_with_the_deliverer() {
     let q = TestQueue::new();
     for sub in ["tmp", "new", "cur"] {
         std::fs::create_dir_all(q.queue_dir().join(sub)).unwrap();
@@ -668,13 +668,27 @@ fn stdin_cleans_stale_tmp_files() {
     let out = serve(&q, &[], &request(b"x", b"s@x", &[b"r@x"]));
     assert!(reply(&out).starts_with("KOk"));
     assert!(
+        stale.exists(),
+        "a one-shot does not scan tmp/ for each message"
+    );
+    let mut deliver = Command::new(env!("CARGO_BIN_EXE_qmqp-queue"));
+    deliver.args(q.args()).env_remove("MAIL_CONFIG").args([
+        "deliver",
+        "--once",
+        "--exec",
+        "/bin/true",
+    ]);
+    let out = run_bounded(&mut deliver, b"", LIMIT);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(
         !stale.exists(),
-        "a tmp/ file older than 36 hours is removed"
+        "qmqp-queue deliver removes a tmp/ file older than 36 hours"
     );
     assert!(
         fresh.exists(),
         "a fresh tmp/ file may belong to a running transaction"
     );
+    assert!(q.files("new").is_empty(), "the message was delivered");
 }
 
 #[test]

@@ -349,6 +349,7 @@ fn run_deliver(queue_dir: &Path, args: &DeliverArgs, stop: &Stop) -> Result<(), 
         if args.once { " (once)" } else { "" }
     );
     deliverer.take_back_stale(SystemTime::now())?;
+    deliverer.remove_stale_tmp(SystemTime::now());
     if args.once {
         let claimed = deliverer.drain(stop.flag())?;
         log::info!("done: {claimed} messages handled");
@@ -358,6 +359,7 @@ fn run_deliver(queue_dir: &Path, args: &DeliverArgs, stop: &Stop) -> Result<(), 
     while !stop.is_set() {
         if stale_checked.elapsed() >= STALE_CHECK_EVERY {
             deliverer.take_back_stale(SystemTime::now())?;
+            deliverer.remove_stale_tmp(SystemTime::now());
             stale_checked = Instant::now();
         }
         deliverer.deliver_pass(false, stop.flag())?;

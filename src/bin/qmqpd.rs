@@ -196,7 +196,6 @@ fn serve_once(svc: &Service, conn: Connection, stop: &Stop) -> u8 {
     if let Some(sig) = stop.signal() {
         program::die_by(sig);
     }
-    remove_stale_tmp(svc);
     exit_status(&outcome)
 }
 
@@ -258,6 +257,8 @@ fn serve_listeners(
     }
 }
 
+/// Removes stale files from `tmp/`: a listener does at start (never per message; a one-shot
+/// leaves it to the listener and to `qmqp-queue deliver`).
 fn remove_stale_tmp(svc: &Service) {
     match svc
         .queue()

@@ -10,9 +10,10 @@ use std::time::Duration;
 use super::ConfigError;
 use super::expand::Resolver;
 use super::value::{
-    boolean, content_filter, hostname, level, non_empty, number, override_options, path,
-    socket_address_or_empty, syslog_facility, text, time, upstream_proxy_protocol,
+    boolean, commit_method, content_filter, hostname, level, non_empty, number, override_options,
+    path, socket_address_or_empty, syslog_facility, text, time, upstream_proxy_protocol,
 };
+use crate::queue::CommitMethod;
 
 /// A parameter's built-in default.
 #[derive(Debug, Clone, Copy)]
@@ -66,6 +67,9 @@ macro_rules! parameters {
 parameters! {
     /// The queue (`tmp/`, `new/`, `cur/` below it).
     queue_directory: PathBuf = Fixed("/var/spool/qmqpd"), path;
+    /// How a message gets its name in `new/`: `linkat` of an unnamed `O_TMPFILE` file,
+    /// `rename` from `tmp/`, or `auto` (`linkat` where the file system supports it).
+    queue_commit_method: CommitMethod = Fixed("auto"), commit_method;
     /// Raw (expanded) match list; parsed by `access::MatchList::parse`.
     qmqpd_authorized_clients: String = Fixed("127.0.0.0/8, [::1]/128"), text;
     /// Limit for one read or write on the connection (> 0).

@@ -713,3 +713,19 @@ fn params_upstream_proxy_and_agent_check() {
     assert!(error("qmqpd_upstream_proxy_timeout = 0\n").contains("greater than zero"));
     assert!(error("qmqpd_agent_check_listen = localhost:80\n").contains("address:port"));
 }
+
+#[test]
+fn params_queue_commit_method() {
+    use crate::queue::CommitMethod;
+    assert_eq!(Params::default().queue_commit_method, CommitMethod::Auto);
+    for (value, method) in [
+        ("auto", CommitMethod::Auto),
+        ("linkat", CommitMethod::Linkat),
+        (" rename ", CommitMethod::Rename),
+    ] {
+        let p = params(&format!("queue_commit_method = {value}\n"));
+        assert_eq!(p.queue_commit_method, method, "{value}");
+    }
+    let e = error("queue_commit_method = link\n");
+    assert!(e.contains("\"auto\", \"linkat\" or \"rename\""), "{e}");
+}

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use super::Reason;
 use super::file::is_space;
+use crate::queue::CommitMethod;
 
 /// Postfix's largest time value (conv_time keeps seconds in an int).
 const MAX_TIME_SECS: u64 = i32::MAX as u64;
@@ -51,6 +52,18 @@ pub(crate) fn time(min_secs: u64) -> impl Fn(&str) -> Result<Duration, Reason> {
         Ok(_) => Err("must be greater than zero".into()),
         Err(reason) => Err(reason.into()),
     }
+}
+
+/// `queue_commit_method`: `auto`, `linkat` or `rename`.
+pub(crate) fn commit_method(value: &str) -> Result<CommitMethod, Reason> {
+    [
+        CommitMethod::Auto,
+        CommitMethod::Linkat,
+        CommitMethod::Rename,
+    ]
+    .into_iter()
+    .find(|method| method.name() == value.trim())
+    .ok_or_else(|| "expected \"auto\", \"linkat\" or \"rename\"".into())
 }
 
 /// `qmqpd_upstream_proxy_protocol`: empty (off) or `haproxy` (PROXY v1 or v2, detected).

@@ -155,6 +155,26 @@ impl Deliverer {
         self.queue.take_back_stale(self.opts.stale_time, now)
     }
 
+    /// Removes files in `tmp/` older than `STALE_TMP_AGE` (left by a server that died while
+    /// writing with `queue_commit_method = rename`, or by a deliverer); returns how many. The
+    /// server does not scan `tmp/` per message: this, and a listener's start, do.
+    pub fn remove_stale_tmp(&self, now: SystemTime) -> usize {
+        match self.queue.remove_stale_tmp(queue::STALE_TMP_AGE, now) {
+            Ok(0) => 0,
+            Ok(n) => {
+                log::info!(
+                    "removed {n} stale files from {}/tmp",
+                    self.queue.dir().display()
+                );
+                n
+            }
+            Err(e) => {
+                log::warn!("cannot scan {}/tmp: {e}", self.queue.dir().display());
+                0
+            }
+        }
+    }
+
     /// One pass over `new/`: claims each message that is due, oldest first, and delivers it.
     /// `once`: messages this deliverer deferred earlier are not tried again. Stops between
     /// messages when `stop` is set.

@@ -1,14 +1,17 @@
 //! Durable creation of every file qmqpd and qmqp-queue put into the queue, and the one mode
 //! rule they all follow (see ARCHITECTURE.md, "The queue's invariants").
 //!
-//! A file is written under `tmp/`, then `commit` makes it durable in its final directory:
-//! flush, `fdatasync`, rename, `fsync` of the directory (shared by concurrent callers). Only
-//! then may a client hear `K`. A file dropped before its commit removes itself. This module
-//! does not know names, states or the file's contents.
+//! A file is written either without a name (`O_TMPFILE` in `tmp/`) or under a name in
+//! `tmp/`; `commit` makes it durable in its final directory: flush, `fdatasync`, `linkat`
+//! (the unnamed file) or rename (the named one), `fsync` of the directory (shared by
+//! concurrent callers). Only then may a client hear `K`. A file dropped before its commit
+//! leaves nothing behind: an unnamed file vanishes with its descriptor, a named one removes
+//! itself. This module does not know names, states or the file's contents.
 
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::SystemTime;
@@ -29,12 +32,15 @@ pub(crate) fn mode_for(tmp_dir_mode: u32) -> u32 {
     }
 }
 
-/// The mode for new files in the queue whose `tmp/` is `tmp_dir`; 0600 when it cannot be
-/// read. `None` when `tmp/` cannot be examined (so the caller may ask again later).
-pub(crate) fn file_mode_of(tmp_dir: &Path) -> Option<u32> {
-    fs::metadata(tmp_dir)
-        .ok()
-        .map(|meta| mode_for(meta.permissions().mode()))
+/// The mode for new files in the queue whose `tmp/` is `tmp_dir`, and the group they must
+/// belong to when `tmp/` has the set-group-ID bit. `None` when `tmp/` cannot be examined (so
+/// the caller may ask again later).
+pub(crate) fn file_mode_of(tmp_dir: &Path) -> Option<(u32, Option<u32>)> {
+    fs::metadata(tmp_dir).ok().map(|meta| {
+        let dir_mode = meta.permissions().mode();
+        let group = (dir_mode & 0o2000 != 0).then(|| meta.gid());
+        (mode_for(dir_mode), group)
+    })
 }
 
 /// Creates `path` (mode 0750) and its parents when missing.
@@ -54,10 +60,54 @@ pub(crate) fn open_new(path: &Path, mode: u32) -> io::Result<File> {
         .open(path)
 }
 
-/// A file being written in `tmp/`. Dropping it without `commit` removes it.
+/// Opens a new file without a name (`O_TMPFILE`) on the file system of directory `dir`,
+/// with `mode`; `commit` links it into its destination. When `group` is given (a set-group-ID
+/// queue), the file is made to belong to it, should the file system not have done so.
+pub(crate) fn open_unnamed(dir: &Path, mode: u32, group: Option<u32>) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .write(true)
+        .mode(mode)
+        .custom_flags(nix::libc::O_TMPFILE)
+        .open(dir)?;
+    if let Some(gid) = group
+        && file.metadata()?.gid() != gid
+    {
+        std::os::unix::fs::fchown(&file, None, Some(gid))?;
+    }
+    Ok(file)
+}
+
+/// Whether `e`, from `open_unnamed`, says the file system (or kernel) has no `O_TMPFILE`:
+/// `EOPNOTSUPP` (NFS, FUSE, vfat), `EISDIR` (kernels before 3.11 see `O_DIRECTORY`),
+/// `EINVAL`.
+pub(crate) fn unnamed_unsupported(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(nix::libc::EOPNOTSUPP | nix::libc::EISDIR | nix::libc::EINVAL)
+    )
+}
+
+/// Where the path of an open file is that `linkat` follows to give an unnamed file its name.
+const PROC_FD: &str = "/proc/self/fd";
+
+/// Whether unnamed files can be given a name here: `linkat` of `/proc/self/fd/N` needs
+/// `/proc`. (`AT_EMPTY_PATH` would not, but needs `CAP_DAC_READ_SEARCH`.)
+pub(crate) fn can_link_unnamed() -> bool {
+    Path::new(PROC_FD).is_dir()
+}
+
+/// How a file being written gets its name at commit.
+enum Pending {
+    /// Named in `tmp/`: renamed into place.
+    Named(PathBuf),
+    /// Unnamed (`O_TMPFILE`): linked into place.
+    Unnamed,
+}
+
+/// A file being written. Dropping it without `commit` leaves nothing behind.
 pub(crate) struct QueueFile {
     wtr: BufWriter<File>,
-    tmp: PathBuf,
+    pending: Pending,
     dest: PathBuf,
     dest_sync: Arc<DirSync>,
     committed: bool,
@@ -86,15 +136,27 @@ impl QueueFile {
     ) -> QueueFile {
         QueueFile {
             wtr: BufWriter::with_capacity(WRITE_BUFFER, file),
-            tmp,
+            pending: Pending::Named(tmp),
             dest,
             dest_sync,
             committed: false,
         }
     }
 
-    /// Makes the file durable at its destination: flush, fdatasync, rename, fsync of the
-    /// destination directory.
+    /// Wraps `file`, just opened by `open_unnamed`; `commit` links it as `dest`, in the
+    /// directory that `dest_sync` syncs.
+    pub(crate) fn unnamed(file: File, dest: PathBuf, dest_sync: Arc<DirSync>) -> QueueFile {
+        QueueFile {
+            wtr: BufWriter::with_capacity(WRITE_BUFFER, file),
+            pending: Pending::Unnamed,
+            dest,
+            dest_sync,
+            committed: false,
+        }
+    }
+
+    /// Makes the file durable at its destination: flush, fdatasync, link or rename, fsync of
+    /// the destination directory.
     pub(crate) fn commit(self) -> io::Result<()> {
         self.commit_at(None)
     }
@@ -106,22 +168,49 @@ impl QueueFile {
         if let Some(t) = mtime {
             self.wtr.get_ref().set_modified(t)?;
         }
-        fs::rename(&self.tmp, &self.dest)?;
+        match &self.pending {
+            Pending::Named(tmp) => fs::rename(tmp, &self.dest)?,
+            Pending::Unnamed => {
+                let fd = format!("{PROC_FD}/{}", self.wtr.get_ref().as_raw_fd());
+                nix::unistd::linkat(
+                    nix::fcntl::AT_FDCWD,
+                    fd.as_str(),
+                    nix::fcntl::AT_FDCWD,
+                    self.dest.as_path(),
+                    nix::fcntl::AtFlags::AT_SYMLINK_FOLLOW,
+                )
+                .map_err(|e| {
+                    io::Error::new(
+                        io::Error::from(e).kind(),
+                        format!("cannot link {}: {e}", self.dest.display()),
+                    )
+                })?;
+            }
+        }
         self.committed = true;
         self.dest_sync.sync()
     }
 
-    /// The file's path in `tmp/`.
+    /// The file's path in `tmp/`; `None` for an unnamed file.
     #[cfg(test)]
-    pub(crate) fn tmp_path(&self) -> &Path {
-        &self.tmp
+    pub(crate) fn tmp_path(&self) -> Option<&Path> {
+        match &self.pending {
+            Pending::Named(tmp) => Some(tmp),
+            Pending::Unnamed => None,
+        }
+    }
+
+    /// The file being written (tests look at its mode and group).
+    #[cfg(test)]
+    pub(crate) fn file(&self) -> &File {
+        self.wtr.get_ref()
     }
 }
 
 impl Drop for QueueFile {
     fn drop(&mut self) {
-        if !self.committed {
-            let _ = fs::remove_file(&self.tmp);
+        if let (false, Pending::Named(tmp)) = (self.committed, &self.pending) {
+            let _ = fs::remove_file(tmp);
         }
     }
 }
@@ -225,6 +314,16 @@ mod tests {
         f.commit_at(Some(t)).unwrap();
         assert_eq!(fs::metadata(&dest).unwrap().modified().unwrap(), t);
         assert!(!tmp.exists());
+        let unnamed_dest = dir.path().join("b");
+        let mut f = QueueFile::unnamed(
+            open_unnamed(dir.path(), 0o600, None).unwrap(),
+            unnamed_dest.clone(),
+            Arc::clone(&sync),
+        );
+        f.write_all(b"y").unwrap();
+        f.commit_at(Some(t)).unwrap();
+        assert_eq!(fs::read(&unnamed_dest).unwrap(), b"y");
+        assert_eq!(fs::metadata(&unnamed_dest).unwrap().modified().unwrap(), t);
         let f = QueueFile::new(open_new(&tmp, 0o600).unwrap(), tmp.clone(), dest, sync);
         drop(f);
         assert!(!tmp.exists());

@@ -24,7 +24,8 @@ use std::time::Duration;
 pub use envelope::Attributes;
 pub(crate) use envelope::{Envelope, escape, open_message, read_envelope, write_subset};
 pub(crate) use file::QueueFile;
-use file::{DirSync, make_dir, open_new};
+
+use file::{DirSync, make_dir, open_new, open_unnamed};
 pub(crate) use id::REASON_SUFFIX;
 use id::file_name_host;
 pub use id::new_queue_id;
@@ -36,6 +37,31 @@ pub const STALE_TMP_AGE: Duration = Duration::from_secs(36 * 3600);
 
 /// The directory every file in the queue is created in.
 const TMP: &str = "tmp";
+
+/// How a new message gets its name in `new/` (`queue_commit_method`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CommitMethod {
+    /// `Linkat` where the queue's file system has `O_TMPFILE` and `/proc` is mounted,
+    /// otherwise `Rename`; decided at the first message, once per process.
+    #[default]
+    Auto,
+    /// An unnamed `O_TMPFILE` file in `tmp/`, linked into `new/`: one directory operation,
+    /// nothing left behind by a crash. Where it is not supported, every message fails.
+    Linkat,
+    /// A named file in `tmp/`, renamed into `new/` (maildir's way).
+    Rename,
+}
+
+impl CommitMethod {
+    /// The parameter value naming this method.
+    pub fn name(self) -> &'static str {
+        match self {
+            CommitMethod::Auto => "auto",
+            CommitMethod::Linkat => "linkat",
+            CommitMethod::Rename => "rename",
+        }
+    }
+}
 
 /// Where a message is in the queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -120,8 +146,13 @@ pub struct Queue {
     host: String,
     new_sync: Arc<DirSync>,
     failed_sync: Arc<DirSync>,
-    /// Mode of new files, decided on first use (see `file::mode_for`).
-    file_mode: OnceLock<u32>,
+    /// Mode of new files and the group they must belong to in a set-group-ID queue,
+    /// decided on first use (see `file::mode_for`).
+    file_mode: OnceLock<(u32, Option<u32>)>,
+    /// The configured commit method.
+    method: CommitMethod,
+    /// `Linkat` or `Rename`, decided at the first message and shared by every clone.
+    decided: Arc<OnceLock<CommitMethod>>,
 }
 
 impl Queue {
@@ -135,7 +166,16 @@ impl Queue {
             new_sync: Arc::new(DirSync::new(dir.join(State::New.dir_name()))),
             failed_sync: Arc::new(DirSync::new(dir.join(State::Failed.dir_name()))),
             file_mode: OnceLock::new(),
+            method: CommitMethod::Auto,
+            decided: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// This queue, committing new messages by `method`.
+    pub fn with_commit_method(mut self, method: CommitMethod) -> Queue {
+        self.method = method;
+        self.decided = Arc::new(OnceLock::new());
+        self
     }
 
     /// The queue directory.
@@ -172,21 +212,87 @@ impl Queue {
         Ok(())
     }
 
-    /// Opens a new queue file for `queue_id` in `tmp/`, never an existing file; `commit`
-    /// moves it into `new/`.
+    /// Opens a new queue file for `queue_id`, unnamed or named in `tmp/` (never an existing
+    /// file); `commit` gives it its name in `new/`.
     pub(crate) fn create(&self, queue_id: &str) -> io::Result<QueueFile> {
         let name = format!("{queue_id}.{}", self.host);
+        let new = self.dir.join(State::New.dir_name()).join(&name);
+        if let Some(file) = self.create_unnamed()? {
+            return Ok(QueueFile::unnamed(file, new, Arc::clone(&self.new_sync)));
+        }
         let tmp = self.dir.join(TMP).join(&name);
-        let file = match open_new(&tmp, self.file_mode()) {
+        let file = match open_new(&tmp, self.file_mode().0) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 self.create_dirs()?;
-                open_new(&tmp, self.file_mode())
+                open_new(&tmp, self.file_mode().0)
             }
             other => other,
         }
         .map_err(|e| io::Error::new(e.kind(), format!("cannot create {}: {e}", tmp.display())))?;
-        let new = self.dir.join(State::New.dir_name()).join(&name);
         Ok(QueueFile::new(file, tmp, new, Arc::clone(&self.new_sync)))
+    }
+
+    /// An unnamed file in `tmp/` when messages are committed by `linkat`; `None` when they
+    /// are renamed. `auto` decides at its first call whether `O_TMPFILE` and `/proc` work.
+    fn create_unnamed(&self) -> io::Result<Option<std::fs::File>> {
+        let tmp = self.dir.join(TMP);
+        let method = match (self.decided.get(), self.method) {
+            (Some(&decided), _) => decided,
+            (None, CommitMethod::Auto) if !file::can_link_unnamed() => {
+                *self.decided.get_or_init(|| CommitMethod::Rename)
+            }
+            (None, CommitMethod::Linkat) if !file::can_link_unnamed() => {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!(
+                        "cannot commit into {} by linkat: /proc/self/fd is not available \
+                         (queue_commit_method = linkat)",
+                        self.dir.display()
+                    ),
+                ));
+            }
+            (None, method) => method,
+        };
+        if method == CommitMethod::Rename {
+            return Ok(None);
+        }
+        let open = || {
+            let (mode, group) = self.file_mode();
+            open_unnamed(&tmp, mode, group)
+        };
+        let opened = match open() {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.create_dirs()?;
+                open()
+            }
+            other => other,
+        };
+        match opened {
+            Ok(file) => {
+                self.decided.get_or_init(|| CommitMethod::Linkat);
+                Ok(Some(file))
+            }
+            Err(e) if file::unnamed_unsupported(&e) && self.method == CommitMethod::Auto => {
+                log::info!(
+                    "the file system of {} has no O_TMPFILE ({e}): committing by rename",
+                    tmp.display()
+                );
+                self.decided.get_or_init(|| CommitMethod::Rename);
+                Ok(None)
+            }
+            Err(e) if file::unnamed_unsupported(&e) => Err(io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot create an unnamed file in {}: {e} (the file system has no \
+                     O_TMPFILE; queue_commit_method = linkat)",
+                    tmp.display()
+                ),
+            )),
+            Err(e) => Err(io::Error::new(
+                e.kind(),
+                format!("cannot create an unnamed file in {}: {e}", tmp.display()),
+            )),
+        }
     }
 
     /// Opens `tmp/TMP_NAME` for a file that `commit` moves to `STATE/NAME` (a split copy or
@@ -213,18 +319,19 @@ impl Queue {
                 ));
             }
         };
-        let file = open_new(&tmp, self.file_mode())?;
+        let file = open_new(&tmp, self.file_mode().0)?;
         Ok(QueueFile::new(file, tmp, self.path(state, name), sync))
     }
 
-    /// The mode of new files: the one rule of `file::mode_for`, decided once `tmp/` exists.
-    fn file_mode(&self) -> u32 {
+    /// The mode of new files (the one rule of `file::mode_for`) and, in a set-group-ID
+    /// queue, the group of `tmp/` that they must belong to; decided once `tmp/` exists.
+    fn file_mode(&self) -> (u32, Option<u32>) {
         if let Some(&mode) = self.file_mode.get() {
             return mode;
         }
         match file::file_mode_of(&self.dir.join(TMP)) {
             Some(mode) => *self.file_mode.get_or_init(|| mode),
-            None => file::mode_for(0),
+            None => (file::mode_for(0), None),
         }
     }
 }
@@ -238,18 +345,58 @@ mod tests {
     #[test]
     fn commit_moves_file_into_new_and_drop_cleans_tmp() {
         let dir = tempfile::tempdir().unwrap();
-        let q = Queue::new(&dir.path().join("q"), "host:1");
+        let q =
+            Queue::new(&dir.path().join("q"), "host:1").with_commit_method(CommitMethod::Rename);
         let mut f = q.create("ID1").unwrap();
         f.write_all(b"hello").unwrap();
         f.commit().unwrap();
         let new: Vec<_> = fs::read_dir(dir.path().join("q/new")).unwrap().collect();
         assert_eq!(new.len(), 1);
         let f = q.create("ID2").unwrap();
-        let tmp = f.tmp_path().to_path_buf();
+        let tmp = f.tmp_path().unwrap().to_path_buf();
         assert!(tmp.exists());
         drop(f);
         assert!(!tmp.exists());
         assert_eq!(fs::read_dir(dir.path().join("q/tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn linkat_commit_names_the_file_only_in_new_and_drop_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::new(&dir.path().join("q"), "h").with_commit_method(CommitMethod::Linkat);
+        let mut f = q.create("ID1").unwrap();
+        assert!(f.tmp_path().is_none(), "an unnamed file");
+        f.write_all(b"hello").unwrap();
+        assert_eq!(fs::read_dir(dir.path().join("q/tmp")).unwrap().count(), 0);
+        f.commit().unwrap();
+        assert_eq!(fs::read(dir.path().join("q/new/ID1.h")).unwrap(), b"hello");
+        let mut f = q.create("ID2").unwrap();
+        f.write_all(b"lost").unwrap();
+        drop(f);
+        for sub in ["tmp", "new"] {
+            let names: Vec<_> = fs::read_dir(dir.path().join("q").join(sub))
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            let want: &[&str] = if sub == "new" { &["ID1.h"] } else { &[] };
+            assert_eq!(names, want, "{sub}/");
+        }
+    }
+
+    #[test]
+    fn auto_decides_once_and_the_decision_is_shared_by_clones() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::new(dir.path(), "h");
+        let clone = q.clone();
+        let f = q.create("ID").unwrap();
+        // The test's file system (ext4, tmpfs, btrfs, xfs) has O_TMPFILE, and /proc is there.
+        let want = if file::can_link_unnamed() {
+            CommitMethod::Linkat
+        } else {
+            CommitMethod::Rename
+        };
+        assert_eq!(f.tmp_path().is_none(), want == CommitMethod::Linkat);
+        assert_eq!(clone.decided.get(), Some(&want));
     }
 
     #[test]
@@ -280,29 +427,42 @@ mod tests {
         assert!(!st.running);
     }
 
-    /// The mode of a file made by `create` and by `create_in`, in a queue whose `tmp/` has
-    /// the set-group-ID bit or not.
-    fn modes(setgid: bool) -> [u32; 2] {
-        use std::os::unix::fs::PermissionsExt;
+    /// The mode and group of a file made by `create` (by `method`) and by `create_in`, in a
+    /// queue whose `tmp/` has the set-group-ID bit or not, and the group of `tmp/`. As root,
+    /// `tmp/` gets a group other than ours, so a file that does not follow it shows.
+    fn modes(method: CommitMethod, setgid: bool) -> ([(u32, u32); 2], u32) {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
         let dir = tempfile::tempdir().unwrap();
-        let q = Queue::new(dir.path(), "h");
+        let q = Queue::new(dir.path(), "h").with_commit_method(method);
         q.create_all_dirs().unwrap();
+        let tmp = dir.path().join("tmp");
+        if nix::unistd::geteuid().is_root() {
+            let other = nix::unistd::Gid::from_raw(nix::unistd::getegid().as_raw() + 1);
+            nix::unistd::chown(&tmp, None, Some(other)).unwrap();
+        }
         if setgid {
-            fs::set_permissions(dir.path().join("tmp"), fs::Permissions::from_mode(0o2750))
-                .unwrap();
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(0o2750)).unwrap();
         }
         let f = q.create("ID").unwrap();
         let copy = q
             .create_in(OsStr::new("X.split"), State::Failed, OsStr::new("X"))
             .unwrap();
-        [f.tmp_path(), copy.tmp_path()]
-            .map(|p| fs::metadata(p).unwrap().permissions().mode() & 0o7777)
+        let files = [f.file(), copy.file()].map(|file| {
+            let meta = file.metadata().unwrap();
+            (meta.permissions().mode() & 0o7777, meta.gid())
+        });
+        (files, fs::metadata(&tmp).unwrap().gid())
     }
 
     #[test]
     fn every_file_is_group_readable_only_in_a_setgid_queue() {
-        assert_eq!(modes(false), [0o600; 2]);
-        assert_eq!(modes(true), [0o640; 2]);
+        let own = nix::unistd::getegid().as_raw();
+        for method in [CommitMethod::Linkat, CommitMethod::Rename] {
+            let (files, _) = modes(method, false);
+            assert_eq!(files, [(0o600, own); 2], "{method:?}");
+            let (files, group) = modes(method, true);
+            assert_eq!(files, [(0o640, group); 2], "{method:?}: the group of tmp/");
+        }
     }
 
     #[test]

@@ -668,3 +668,26 @@ pub fn describe(output: &Output) -> String {
         text(&output.stderr)
     )
 }
+
+/// How many unnamed (`O_TMPFILE`) files in `tmp_dir` process `pid` has open: their
+/// /proc/PID/fd links read `TMP_DIR/#INODE (deleted)`.
+pub fn unnamed_files(pid: u32, tmp_dir: &Path) -> usize {
+    let prefix = format!("{}/#", tmp_dir.display());
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|entries| {
+            entries
+                .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|target| {
+                    let target = target.to_string_lossy();
+                    target.starts_with(&prefix) && target.ends_with(" (deleted)")
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Queue files being written for process `pid`: named ones in `tmp/` (any process's) plus
+/// its unnamed ones (`queue_commit_method = linkat`).
+pub fn files_being_written(q: &TestQueue, pid: u32) -> usize {
+    q.files("tmp").len() + unnamed_files(pid, &q.queue_dir().join("tmp"))
+}
