@@ -24,7 +24,7 @@ use crate::peer::{self, Client, LaunchEnv, NameCache, Resolver, SocketPeer, Syst
 use crate::program::Stop;
 use crate::proxy::{self, Header};
 use crate::queue::Queue;
-use crate::reply::{Rejection, Reply};
+use crate::reply::{Rejection, Reply, Where};
 use crate::session::{self, CutOff, End, Outcome, Transaction};
 
 /// How long a closing connection waits for the client to finish sending after an early
@@ -242,23 +242,33 @@ impl Write for Timed<'_> {
     }
 }
 
+/// Why no client could be taken from a PROXY header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NoHeader {
+    /// The peer went away before the first byte (a balancer's plain TCP health check):
+    /// nobody to answer, and nothing wrong here.
+    Gone,
+    /// A peer that may not send a header, or a missing, malformed or late header: answered
+    /// with `Z`, since a misconfigured balancer must not bounce mail.
+    Refused,
+}
+
 /// The client a balancer's PROXY header names, read from `rdr`; `real` is the connection's
 /// own peer. A peer not in `qmqpd_upstream_proxy_clients`, or a missing or malformed header,
-/// is logged with the real peer and refused (the caller answers `Z`: a misconfigured
-/// balancer must not bounce mail).
+/// is logged with the real peer and refused.
 fn proxied_client(
     svc: &Service,
     mut rdr: Timed<'_>,
     real: Client,
     is_socket: bool,
-) -> Result<Client, ()> {
+) -> Result<Client, NoHeader> {
     if real.addr.is_none() && is_socket {
         // A socket without a peer: reset before we looked (a balancer's plain TCP check).
         log::info!(
             "{}: lost connection before the PROXY header",
             real.namaddr()
         );
-        return Err(());
+        return Err(NoHeader::Gone);
     }
     if !svc.proxy_clients.matches(None, real.addr) {
         log::warn!(
@@ -266,7 +276,7 @@ fn proxied_client(
              with a PROXY header",
             real.namaddr()
         );
-        return Err(());
+        return Err(NoHeader::Refused);
     }
     match proxy::read_header(&mut rdr) {
         Ok(Header::Proxied {
@@ -295,11 +305,11 @@ fn proxied_client(
         // Connected and gone without a byte: a health check, not a misconfiguration.
         Err(e @ proxy::ProxyError::Closed) => {
             log::info!("{}: {e}", real.namaddr());
-            Err(())
+            Err(NoHeader::Gone)
         }
         Err(e) => {
             log::warn!("{}: {e}", real.namaddr());
-            Err(())
+            Err(NoHeader::Refused)
         }
     }
 }
@@ -316,7 +326,17 @@ pub fn serve_connection(svc: &Service, conn: Connection) -> Outcome {
         let rdr = conn.rd_timed(params.qmqpd_upstream_proxy_timeout);
         match proxied_client(svc, rdr, client, conn.is_socket()) {
             Ok(proxied) => client = proxied,
-            Err(()) => {
+            // Nobody to answer: the client went away, which is no local failure.
+            Err(NoHeader::Gone) => {
+                return Outcome {
+                    end: End::Lost {
+                        at: Where::Header,
+                        timeout: false,
+                    },
+                    request_read: false,
+                };
+            }
+            Err(NoHeader::Refused) => {
                 let reply = Reply::Rejected(Rejection::Internal);
                 refuse(&conn, &reply);
                 return Outcome {
@@ -898,5 +918,15 @@ mod tests {
         let (_, reply) = exchange(&svc, &request);
         assert_eq!(reply, b"22:ZError: internal error,");
         assert!(std::fs::read_dir(dir.path().join("new")).map_or(true, |mut d| d.next().is_none()));
+    }
+
+    #[test]
+    fn serve_connection_without_a_byte_is_a_lost_client_not_a_local_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = proxy_service(dir.path(), "127.0.0.0/8");
+        let (outcome, reply) = exchange(&svc, b"");
+        assert_eq!(reply, b"");
+        assert!(matches!(outcome.end, End::Lost { .. }), "{outcome:?}");
+        assert!(!outcome.local_failure());
     }
 }
