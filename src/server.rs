@@ -531,13 +531,19 @@ impl Drop for Slot {
 }
 
 /// Accepts connections on `listeners` until stopped; returns how many were served.
+///
+/// The listeners are closed as soon as accepting stops, before running transactions get
+/// their grace period: a socket qmqpd bound itself then refuses new connections at once
+/// (a balancer tries another host) instead of holding them in a backlog that is reset at
+/// exit. A socket systemd or inetd passed stays open in the launcher, which keeps its own
+/// copy: connections arriving meanwhile wait there for the next start.
 pub fn run_listeners(
     svc: Arc<Service>,
-    listeners: &[Listener],
+    listeners: Vec<Listener>,
     limits: Limits,
     stop: &Stop,
 ) -> io::Result<u64> {
-    for l in listeners {
+    for l in &listeners {
         l.set_nonblocking(true)?;
     }
     let active = Arc::new(Active {
@@ -644,6 +650,8 @@ pub fn run_listeners(
             }
         }
     }
+    drop(listeners);
+    log::info!("stopped listening: {} connections running", active.get());
     // Let running transactions finish. After max_use or max_idle they all may (each is
     // bounded by daemon_timeout); after SIGTERM/SIGINT only for a grace period, since the
     // service manager is waiting (what is then cut off is not acknowledged).

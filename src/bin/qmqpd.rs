@@ -179,7 +179,7 @@ fn run() -> u8 {
         }
     };
     match (bound, waiting) {
-        (Some(Ok(listeners)), _) => serve_listeners(svc, &listeners, agent, self_bound, &stop),
+        (Some(Ok(listeners)), _) => serve_listeners(svc, listeners, agent, self_bound, &stop),
         (Some(Err(e)), waiting) => fail_logged(&e, &waiting),
         // The waiting client is the connection on stdin/stdout or the passed socket.
         (None, Waiting::Client(conn)) => {
@@ -215,10 +215,10 @@ fn exit_status(outcome: &Outcome) -> u8 {
 
 fn serve_listeners(
     mut svc: Service,
-    listeners: &[Listener],
+    listeners: Vec<Listener>,
     agent: Option<std::net::TcpListener>,
     self_bound: bool,
-    stop: &Stop,
+    stop: &Arc<Stop>,
 ) -> u8 {
     remove_stale_tmp(&svc);
     match Stop::new() {
@@ -233,7 +233,7 @@ fn serve_listeners(
         max_idle: (!self_bound && !params.max_idle.is_zero()).then_some(params.max_idle),
         process_limit: usize::try_from(params.default_process_limit).unwrap_or(usize::MAX),
     };
-    for l in listeners {
+    for l in &listeners {
         log::info!("listening on {l}");
     }
     if let Some(agent) = agent {
@@ -242,7 +242,8 @@ fn serve_listeners(
             min_free_inodes: params.qmqpd_agent_check_mininodes,
         };
         let addr = params.qmqpd_agent_check_listen.clone();
-        if let Err(e) = agent::spawn(agent, svc.queue().dir().to_path_buf(), thresholds) {
+        let dir = svc.queue().dir().to_path_buf();
+        if let Err(e) = agent::spawn(agent, dir, thresholds, Arc::clone(stop)) {
             return fail_logged(
                 &format!("cannot start the agent check on {addr}: {e}"),
                 &Waiting::Nobody,
