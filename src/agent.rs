@@ -26,7 +26,7 @@ const WRITE_LIMIT: Duration = Duration::from_secs(2);
 
 /// What the agent tells the balancer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
+pub(crate) enum State {
     Up,
     Drain,
     Down,
@@ -45,7 +45,7 @@ impl State {
 
 /// The queue as the agent sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QueueState {
+pub(crate) struct QueueState {
     /// Why new queue files cannot be made, if they cannot.
     pub unwritable: Option<String>,
     /// Bytes available to an unprivileged user on the queue file system.
@@ -62,7 +62,7 @@ pub struct Thresholds {
 }
 
 /// Decides the answer, with the reason for the log.
-pub fn decide(queue: &QueueState, limits: Thresholds) -> (State, String) {
+pub(crate) fn decide(queue: &QueueState, limits: Thresholds) -> (State, String) {
     if let Some(why) = &queue.unwritable {
         return (State::Down, format!("queue not writable: {why}"));
     }
@@ -91,7 +91,7 @@ pub fn decide(queue: &QueueState, limits: Thresholds) -> (State, String) {
 }
 
 /// Looks at the queue below `dir` with this process's credentials.
-pub fn probe(dir: &Path) -> QueueState {
+pub(crate) fn probe(dir: &Path) -> QueueState {
     let mut unwritable = None;
     for sub in ["tmp", "new"] {
         // qmqpd makes a missing tmp/ or new/ with the first message: then the queue
