@@ -5,23 +5,28 @@
 //! write `tmp/` and `new/`, how much space and how many inodes the queue file system has
 //! left) and the small accept loop that writes one answer line per connection. The answers
 //! are HAProxy's words: `up ready` (healthy, and leave any drain state), `drain` (free space
-//! or inodes below `qmqpd_agent_check_minfree` / `qmqpd_agent_check_mininodes`: finish what
-//! runs, send no new connections), `down` (the queue cannot be written). Does not serve QMQP.
+//! or inodes below `qmqpd_agent_check_minfree` / `qmqpd_agent_check_mininodes`, or the
+//! listener is stopping: finish what runs, send no new connections), `down` (the queue
+//! cannot be written). Does not serve QMQP.
 
 use std::io::{self, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use nix::sys::statvfs::{FsFlags, statvfs};
 use nix::unistd::{AccessFlags, access};
+
+use crate::program::Stop;
 
 /// How long the agent waits for HAProxy to take its answer.
 const WRITE_LIMIT: Duration = Duration::from_secs(2);
 
 /// What the agent tells the balancer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
+pub(crate) enum State {
     Up,
     Drain,
     Down,
@@ -40,7 +45,7 @@ impl State {
 
 /// The queue as the agent sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QueueState {
+pub(crate) struct QueueState {
     /// Why new queue files cannot be made, if they cannot.
     pub unwritable: Option<String>,
     /// Bytes available to an unprivileged user on the queue file system.
@@ -57,7 +62,7 @@ pub struct Thresholds {
 }
 
 /// Decides the answer, with the reason for the log.
-pub fn decide(queue: &QueueState, limits: Thresholds) -> (State, String) {
+pub(crate) fn decide(queue: &QueueState, limits: Thresholds) -> (State, String) {
     if let Some(why) = &queue.unwritable {
         return (State::Down, format!("queue not writable: {why}"));
     }
@@ -86,7 +91,7 @@ pub fn decide(queue: &QueueState, limits: Thresholds) -> (State, String) {
 }
 
 /// Looks at the queue below `dir` with this process's credentials.
-pub fn probe(dir: &Path) -> QueueState {
+pub(crate) fn probe(dir: &Path) -> QueueState {
     let mut unwritable = None;
     for sub in ["tmp", "new"] {
         // qmqpd makes a missing tmp/ or new/ with the first message: then the queue
@@ -125,9 +130,25 @@ pub fn probe(dir: &Path) -> QueueState {
     }
 }
 
+/// The answer while the listener stops (SIGTERM/SIGINT): `drain` takes the host out of
+/// rotation for new connections while the running ones finish; the next qmqpd's `up ready`
+/// brings it back.
+fn stopping() -> (State, String) {
+    (
+        State::Drain,
+        "stopping: no new connections, running transactions finish".to_owned(),
+    )
+}
+
 /// Answers agent checks on `listener` from a thread of its own, for as long as the process
-/// runs. Each answer looks at the queue afresh; changes of state are logged.
-pub fn spawn(listener: TcpListener, dir: PathBuf, limits: Thresholds) -> io::Result<()> {
+/// runs. Each answer looks at the queue afresh, and is `drain` once `stop` is set; changes
+/// of state are logged.
+pub fn spawn(
+    listener: TcpListener,
+    dir: PathBuf,
+    limits: Thresholds,
+    stop: Arc<Stop>,
+) -> io::Result<()> {
     std::thread::Builder::new()
         .name("agent-check".into())
         .spawn(move || {
@@ -142,7 +163,11 @@ pub fn spawn(listener: TcpListener, dir: PathBuf, limits: Thresholds) -> io::Res
                         continue;
                     }
                 };
-                let (state, why) = decide(&probe(&dir), limits);
+                let (state, why) = if stop.is_set() {
+                    stopping()
+                } else {
+                    decide(&probe(&dir), limits)
+                };
                 if last != Some(state) {
                     log::info!(
                         "agent check: {}: {why}",
@@ -232,12 +257,44 @@ mod tests {
             min_free_bytes: u64::MAX,
             min_free_inodes: 0,
         };
-        spawn(listener, dir.path().to_path_buf(), huge).unwrap();
+        spawn(
+            listener,
+            dir.path().to_path_buf(),
+            huge,
+            Stop::new().unwrap(),
+        )
+        .unwrap();
         let mut answer = String::new();
         std::net::TcpStream::connect(addr)
             .unwrap()
             .read_to_string(&mut answer)
             .unwrap();
         assert_eq!(answer, "drain\n");
+    }
+
+    #[test]
+    fn spawn_answers_drain_once_stopping() {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Stop::new().unwrap();
+        spawn(
+            listener,
+            dir.path().to_path_buf(),
+            LIMITS,
+            Arc::clone(&stop),
+        )
+        .unwrap();
+        let answer = || {
+            let mut answer = String::new();
+            std::net::TcpStream::connect(addr)
+                .unwrap()
+                .read_to_string(&mut answer)
+                .unwrap();
+            answer
+        };
+        assert_eq!(answer(), "up ready\n");
+        stop.set(nix::sys::signal::Signal::SIGTERM);
+        assert_eq!(answer(), "drain\n");
     }
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use crate::netstring::{self, NetstringError, encoded_len};
 
 /// The QMQP port (cr.yp.to/proto/qmqp.html).
-pub const DEFAULT_PORT: u16 = 628;
+pub(crate) const DEFAULT_PORT: u16 = 628;
 
 /// The longest reply payload `send` accepts, in bytes.
 pub const MAX_REPLY_LEN: u64 = 64 * 1024;

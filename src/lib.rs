@@ -41,7 +41,7 @@ pub mod access;
 pub mod agent;
 pub mod client;
 pub mod config;
-pub mod date;
+pub(crate) mod date;
 pub mod deliver;
 pub mod listen;
 pub mod logging;

@@ -44,7 +44,7 @@ impl From<io::Error> for NetstringError {
 }
 
 /// Reads one byte; end of input is `Lost(UnexpectedEof)`.
-pub fn read_byte<R: BufRead>(rdr: &mut R) -> Result<u8, NetstringError> {
+pub(crate) fn read_byte<R: BufRead>(rdr: &mut R) -> Result<u8, NetstringError> {
     loop {
         let buf = match rdr.fill_buf() {
             Ok(buf) => buf,
@@ -145,12 +145,12 @@ pub fn fill<R: BufRead>(rdr: &mut R) -> Result<&[u8], NetstringError> {
 }
 
 /// Writes `LEN:` for a netstring of `len` bytes.
-pub fn write_len<W: Write>(wtr: &mut W, len: u64) -> io::Result<()> {
+pub(crate) fn write_len<W: Write>(wtr: &mut W, len: u64) -> io::Result<()> {
     write!(wtr, "{len}:")
 }
 
 /// Writes a whole netstring.
-pub fn write_netstring<W: Write>(wtr: &mut W, data: &[u8]) -> io::Result<()> {
+pub(crate) fn write_netstring<W: Write>(wtr: &mut W, data: &[u8]) -> io::Result<()> {
     write_len(wtr, data.len() as u64)?;
     wtr.write_all(data)?;
     wtr.write_all(b",")
@@ -163,7 +163,7 @@ pub fn len_prefix_size(len: u64) -> u64 {
 
 /// The number of bytes a whole netstring of `len` payload bytes takes (`LEN:`, payload,
 /// `,`), or None when that does not fit in 64 bits.
-pub fn encoded_len(len: u64) -> Option<u64> {
+pub(crate) fn encoded_len(len: u64) -> Option<u64> {
     len_prefix_size(len).checked_add(len)?.checked_add(1)
 }
 

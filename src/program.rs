@@ -163,7 +163,7 @@ impl Stop {
     }
 
     /// A descriptor that becomes readable when the stop is set, for `poll`.
-    pub fn wake_fd(&self) -> BorrowedFd<'_> {
+    pub(crate) fn wake_fd(&self) -> BorrowedFd<'_> {
         match &self.source {
             Source::Pair { rx, .. } => rx.as_fd(),
             Source::Signals(fd) => fd.as_fd(),

@@ -33,7 +33,7 @@ impl Status {
     }
 
     /// The status a reply's first byte gives, if it is K, Z or D.
-    pub fn from_byte(byte: u8) -> Option<Status> {
+    pub(crate) fn from_byte(byte: u8) -> Option<Status> {
         match byte {
             b'K' => Some(Status::Ok),
             b'Z' => Some(Status::TempFail),
@@ -95,7 +95,7 @@ pub enum Reply {
 
 impl Rejection {
     /// True when the cause is on the server's side (the exit status reports it).
-    pub fn is_local_failure(&self) -> bool {
+    pub(crate) fn is_local_failure(&self) -> bool {
         matches!(self, Rejection::WriteError | Rejection::Internal)
     }
 

@@ -24,7 +24,7 @@ use crate::peer::{self, Client, LaunchEnv, NameCache, Resolver, SocketPeer, Syst
 use crate::program::Stop;
 use crate::proxy::{self, Header};
 use crate::queue::Queue;
-use crate::reply::{Rejection, Reply};
+use crate::reply::{Rejection, Reply, Where};
 use crate::session::{self, CutOff, End, Outcome, Transaction};
 
 /// How long a closing connection waits for the client to finish sending after an early
@@ -242,23 +242,33 @@ impl Write for Timed<'_> {
     }
 }
 
+/// Why no client could be taken from a PROXY header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NoHeader {
+    /// The peer went away before the first byte (a balancer's plain TCP health check):
+    /// nobody to answer, and nothing wrong here.
+    Gone,
+    /// A peer that may not send a header, or a missing, malformed or late header: answered
+    /// with `Z`, since a misconfigured balancer must not bounce mail.
+    Refused,
+}
+
 /// The client a balancer's PROXY header names, read from `rdr`; `real` is the connection's
 /// own peer. A peer not in `qmqpd_upstream_proxy_clients`, or a missing or malformed header,
-/// is logged with the real peer and refused (the caller answers `Z`: a misconfigured
-/// balancer must not bounce mail).
+/// is logged with the real peer and refused.
 fn proxied_client(
     svc: &Service,
     mut rdr: Timed<'_>,
     real: Client,
     is_socket: bool,
-) -> Result<Client, ()> {
+) -> Result<Client, NoHeader> {
     if real.addr.is_none() && is_socket {
         // A socket without a peer: reset before we looked (a balancer's plain TCP check).
         log::info!(
             "{}: lost connection before the PROXY header",
             real.namaddr()
         );
-        return Err(());
+        return Err(NoHeader::Gone);
     }
     if !svc.proxy_clients.matches(None, real.addr) {
         log::warn!(
@@ -266,7 +276,7 @@ fn proxied_client(
              with a PROXY header",
             real.namaddr()
         );
-        return Err(());
+        return Err(NoHeader::Refused);
     }
     match proxy::read_header(&mut rdr) {
         Ok(Header::Proxied {
@@ -295,11 +305,11 @@ fn proxied_client(
         // Connected and gone without a byte: a health check, not a misconfiguration.
         Err(e @ proxy::ProxyError::Closed) => {
             log::info!("{}: {e}", real.namaddr());
-            Err(())
+            Err(NoHeader::Gone)
         }
         Err(e) => {
             log::warn!("{}: {e}", real.namaddr());
-            Err(())
+            Err(NoHeader::Refused)
         }
     }
 }
@@ -316,7 +326,17 @@ pub fn serve_connection(svc: &Service, conn: Connection) -> Outcome {
         let rdr = conn.rd_timed(params.qmqpd_upstream_proxy_timeout);
         match proxied_client(svc, rdr, client, conn.is_socket()) {
             Ok(proxied) => client = proxied,
-            Err(()) => {
+            // Nobody to answer: the client went away, which is no local failure.
+            Err(NoHeader::Gone) => {
+                return Outcome {
+                    end: End::Lost {
+                        at: Where::Header,
+                        timeout: false,
+                    },
+                    request_read: false,
+                };
+            }
+            Err(NoHeader::Refused) => {
                 let reply = Reply::Rejected(Rejection::Internal);
                 refuse(&conn, &reply);
                 return Outcome {
@@ -511,13 +531,19 @@ impl Drop for Slot {
 }
 
 /// Accepts connections on `listeners` until stopped; returns how many were served.
+///
+/// The listeners are closed as soon as accepting stops, before running transactions get
+/// their grace period: a socket qmqpd bound itself then refuses new connections at once
+/// (a balancer tries another host) instead of holding them in a backlog that is reset at
+/// exit. A socket systemd or inetd passed stays open in the launcher, which keeps its own
+/// copy: connections arriving meanwhile wait there for the next start.
 pub fn run_listeners(
     svc: Arc<Service>,
-    listeners: &[Listener],
+    listeners: Vec<Listener>,
     limits: Limits,
     stop: &Stop,
 ) -> io::Result<u64> {
-    for l in listeners {
+    for l in &listeners {
         l.set_nonblocking(true)?;
     }
     let active = Arc::new(Active {
@@ -624,6 +650,8 @@ pub fn run_listeners(
             }
         }
     }
+    drop(listeners);
+    log::info!("stopped listening: {} connections running", active.get());
     // Let running transactions finish. After max_use or max_idle they all may (each is
     // bounded by daemon_timeout); after SIGTERM/SIGINT only for a grace period, since the
     // service manager is waiting (what is then cut off is not acknowledged).
@@ -898,5 +926,15 @@ mod tests {
         let (_, reply) = exchange(&svc, &request);
         assert_eq!(reply, b"22:ZError: internal error,");
         assert!(std::fs::read_dir(dir.path().join("new")).map_or(true, |mut d| d.next().is_none()));
+    }
+
+    #[test]
+    fn serve_connection_without_a_byte_is_a_lost_client_not_a_local_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = proxy_service(dir.path(), "127.0.0.0/8");
+        let (outcome, reply) = exchange(&svc, b"");
+        assert_eq!(reply, b"");
+        assert!(matches!(outcome.end, End::Lost { .. }), "{outcome:?}");
+        assert!(!outcome.local_failure());
     }
 }

@@ -72,7 +72,7 @@ impl Outcome {
 /// (e.g. `stopped by SIGTERM`), and its queue file is removed.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct CutOff(pub String);
+pub(crate) struct CutOff(pub(crate) String);
 
 /// Why reading stopped early.
 enum Stop {

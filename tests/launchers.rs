@@ -378,6 +378,38 @@ fn socket_activate_connection_on_fd_3_serves_qmqpc_and_qmqp_source() {
 }
 
 #[test]
+fn socket_activate_connection_on_fd_3_and_2_gets_only_the_reply() {
+    // Accept=yes with StandardError=socket: the connection systemd passes on fd 3 is stderr
+    // too (a shell wrapper does `exec 2>&3`; exec keeps LISTEN_PID right), stdin and stdout
+    // are not the socket. Without a log file, and with no syslog socket here, log lines
+    // would go to stderr: they must stay off the connection.
+    let q = TestQueue::new();
+    let Some(tool) = require_tool("systemd-socket-activate") else {
+        return;
+    };
+    let mut args = q.args_without_maillog();
+    args.extend(["-o", "no_such_parameter=1", "-v", "-v"].map(String::from));
+    let (sa, addrs) = Launcher::start(q.dir.path(), "systemd-socket-activate", &[false], |a| {
+        let mut cmd = Command::new(&tool);
+        cmd.arg("-l")
+            .arg(a[0].to_string())
+            .args(["-a", "--fdname=connection", "sh", "-c"])
+            .arg("exec 2>&3; exec \"$0\" \"$@\"")
+            .arg(qmqpd_bin())
+            .args(&args);
+        cmd
+    });
+    let ok = common::request(MESSAGE, SENDER.as_bytes(), &[RECIPIENT.as_bytes()]);
+    assert_only_reply(
+        &exchange(addrs[0], &ok),
+        "KOk: queued as ",
+        &sa.output_text(),
+    );
+    assert_eq!(q.files("new").len(), 1);
+    assert_children_exited_0(&sa, 1);
+}
+
+#[test]
 fn socket_activate_listener_serves_several_then_exits_0_after_max_use() {
     let q = TestQueue::new();
     let from_source = 4;

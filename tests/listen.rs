@@ -119,11 +119,7 @@ fn listen_stops_on_sigterm_and_exits_0() {
     let mut srv = Server::start(&q, &[]);
     let reply = client::send(&mut srv.connect(), &mut &b"x"[..], 1, b"s@x", &[b"r@x"]).unwrap();
     assert_eq!(reply.status, Status::Ok);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(srv.pid()).unwrap()),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    sigterm(srv.pid());
     let status = srv.wait(LIMIT).expect("qmqpd exits after SIGTERM");
     assert_eq!(status.code(), Some(0));
     assert!(
@@ -131,6 +127,133 @@ fn listen_stops_on_sigterm_and_exits_0() {
         "{}",
         q.log_text()
     );
+}
+
+/// Sends SIGTERM to the process `pid`.
+fn sigterm(pid: u32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+}
+
+/// A client that sent part of its request and waits, holding a transaction open.
+struct SlowClient {
+    stream: TcpStream,
+    rest: Vec<u8>,
+}
+
+impl SlowClient {
+    /// Connects to `addr`, sends the first bytes of a request and waits until qmqpd
+    /// serves the connection.
+    fn start(q: &TestQueue, addr: std::net::SocketAddr) -> SlowClient {
+        let mut full = request(b"Subject: slow\n\nbody\n", b"s@x", &[b"r@x"]);
+        let rest = full.split_off(10);
+        let mut stream = common::connect(addr);
+        stream.write_all(&full).unwrap();
+        common::wait_until("the slow client to be served", || {
+            q.log_text().contains("connect from")
+        });
+        SlowClient { stream, rest }
+    }
+
+    /// Sends the rest of the request; asserts that it was queued.
+    fn finish(mut self, q: &TestQueue) {
+        self.stream.write_all(&self.rest).unwrap();
+        let reply = common::read_all(&mut self.stream);
+        assert!(
+            common::text(&reply).contains("KOk: queued as"),
+            "{}\n{}",
+            common::text(&reply),
+            q.log_text()
+        );
+    }
+}
+
+#[test]
+fn listen_on_sigterm_refuses_new_connections_and_drains_the_agent_while_finishing() {
+    let q = TestQueue::new();
+    let agent_port = common::free_port();
+    let agent_arg = format!("qmqpd_agent_check_listen=127.0.0.1:{agent_port}");
+    // The grace period for running transactions is qmqpd_timeout, at most 30 s.
+    let mut srv = Server::start(&q, &["-o", &agent_arg, "-o", "qmqpd_timeout=300s"]);
+    let agent = std::net::SocketAddr::from(([127, 0, 0, 1], agent_port));
+    let agent_answer = || common::read_all(&mut common::connect(agent));
+    common::wait_until("the agent check to listen", || {
+        TcpStream::connect(agent).is_ok()
+    });
+    assert_eq!(common::text(&agent_answer()), "up ready\n");
+    // A slow client: accepted, half its request sent.
+    let slow = SlowClient::start(&q, srv.addr);
+    sigterm(srv.pid());
+    common::wait_until("qmqpd to stop listening", || {
+        q.log_text()
+            .contains("stopped listening: 1 connections running")
+    });
+    // During the grace period: new connections are refused at once (a balancer tries
+    // another host), and the agent check takes the host out of rotation.
+    let refused = TcpStream::connect(srv.addr);
+    assert_eq!(
+        refused.as_ref().map_err(std::io::Error::kind).err(),
+        Some(std::io::ErrorKind::ConnectionRefused),
+        "{refused:?}"
+    );
+    assert_eq!(common::text(&agent_answer()), "drain\n");
+    // The running transaction still finishes.
+    slow.finish(&q);
+    let status = srv.wait(LIMIT).expect("qmqpd exits after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", q.log_text());
+    assert_eq!(q.files("new").len(), 1);
+    assert!(
+        q.log_text().contains("agent check: drain: stopping"),
+        "{}",
+        q.log_text()
+    );
+}
+
+/// A stopping listener whose socket systemd passed closes only its own copy: the launcher's
+/// copy (here the test's, as systemd keeps one) still takes connections for the next start.
+#[test]
+fn systemd_listener_on_sigterm_leaves_the_launchers_socket_listening() {
+    let q = TestQueue::new();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    // fd 3 and LISTEN_FDS/LISTEN_PID as systemd sets them; exec keeps the pid.
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("exec 3<&0 </dev/null; LISTEN_FDS=1 LISTEN_PID=$$ exec \"$0\" \"$@\"")
+        .arg(common::qmqpd_bin())
+        .args(q.args())
+        .args(["-o", "qmqpd_timeout=300s"])
+        .stdin(Stdio::from(OwnedFd::from(listener.try_clone().unwrap())))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Reap<'a>(&'a mut std::process::Child);
+    impl Drop for Reap<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let pid = child.id();
+    let child = Reap(&mut child);
+    let slow = SlowClient::start(&q, addr);
+    sigterm(pid);
+    common::wait_until("qmqpd to stop listening", || {
+        q.log_text()
+            .contains("stopped listening: 1 connections running")
+    });
+    let waiting = TcpStream::connect(addr).expect("the launcher's socket still listens");
+    slow.finish(&q);
+    let status = common::wait_bounded(child.0, LIMIT).expect("qmqpd exits after SIGTERM");
+    assert_eq!(status.code(), Some(0), "{}", q.log_text());
+    // The connection that came meanwhile waits in the launcher's socket, not lost.
+    listener.set_nonblocking(true).unwrap();
+    let (accepted, _) = listener.accept().expect("the waiting connection is there");
+    assert_eq!(accepted.peer_addr().unwrap(), waiting.local_addr().unwrap());
 }
 
 #[test]

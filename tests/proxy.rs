@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use common::haproxy::Haproxy;
 use common::{
-    QueueFile, Server, TestQueue, describe, free_port, qmqpc_bin, qmqpd_bin, request, require_tool,
-    run_bounded, stdin_qmqpd, text,
+    QueueFile, Server, TestQueue, bare_stdin_qmqpd, describe, free_port, qmqpc_bin, qmqpd_bin,
+    request, require_tool, run_bounded, stdin_qmqpd, text, wait_bounded,
 };
 
 /// A safety net for the child processes; never expected to fire.
@@ -226,6 +226,42 @@ fn stdin_mode_reads_the_header_from_the_connection() {
             .contains("unknown[198.51.100.20]: not in qmqpd_upstream_proxy_clients"),
         "{}",
         q.log_text()
+    );
+}
+
+/// A balancer's plain TCP health check against a one-shot qmqpd (the connection on
+/// stdin/stdout, as inetd or tcpserver pass it): the peer connects and sends nothing. That
+/// is a client that went away, not a local failure: no `Z`, nothing queued, exit 0.
+#[test]
+fn one_shot_health_check_without_a_byte_exits_0_without_z() {
+    let q = TestQueue::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    client.set_read_timeout(Some(RUN_LIMIT)).unwrap();
+    let (server_side, _) = listener.accept().unwrap();
+    // Nothing is sent: the check's end of the connection is closed for writing at once
+    // (kept open for reading, to see that no reply comes).
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut child = bare_stdin_qmqpd(&q, &PROXY_ON)
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(
+            server_side.try_clone().unwrap(),
+        )))
+        .stdout(Stdio::from(std::os::fd::OwnedFd::from(server_side)))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start qmqpd");
+    let status = wait_bounded(&mut child, RUN_LIMIT);
+    let mut reply = Vec::new();
+    client.read_to_end(&mut reply).unwrap();
+    assert_eq!(text(&reply), "", "{}", q.log_text());
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", q.log_text());
+    assert!(q.files("new").is_empty());
+    let log = q.log_text();
+    assert!(
+        log.lines().any(|l| l
+            .contains("unknown[127.0.0.1]: lost connection before the PROXY header")
+            && !l.contains("warning")),
+        "{log}"
     );
 }
 

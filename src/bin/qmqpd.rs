@@ -9,7 +9,7 @@
 
 use std::ffi::OsString;
 use std::io::{self, IsTerminal, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -86,9 +86,14 @@ fn run() -> u8 {
     let incoming = systemd_fds.and_then(|fds| listen::classify(listen_args, fds));
     let waiting = waiting_client(&incoming);
     let listener = incoming.as_ref().is_ok_and(Incoming::is_listener);
+    let connection = match &incoming {
+        Ok(Incoming::Passed(fd)) => Some(fd.as_fd()),
+        _ => None,
+    };
+    let stderr_ok = stderr_ok(listener, connection);
     let args = match parsed {
         Ok(args) => args,
-        Err(e) => return fail_config(&format!("{e}; {USAGE}"), listener, &waiting),
+        Err(e) => return fail_config(&format!("{e}; {USAGE}"), stderr_ok, &waiting),
     };
     if args.help {
         println!("{USAGE}");
@@ -119,11 +124,11 @@ fn run() -> u8 {
     };
     let cfg = match loaded {
         Ok(cfg) => cfg,
-        Err(e) => return fail_config(&e.to_string(), listener, &waiting),
+        Err(e) => return fail_config(&e.to_string(), stderr_ok, &waiting),
     };
-    if let Err(e) = init_logging(&cfg, args.verbose, listener) {
+    if let Err(e) = init_logging(&cfg, args.verbose, stderr_ok) {
         // Logging goes nowhere useful; the client still gets its Z.
-        return fail_config(&format!("{e:#}"), listener, &waiting);
+        return fail_config(&format!("{e:#}"), stderr_ok, &waiting);
     }
     for warning in &cfg.warnings {
         log::warn!("{warning}");
@@ -174,7 +179,7 @@ fn run() -> u8 {
         }
     };
     match (bound, waiting) {
-        (Some(Ok(listeners)), _) => serve_listeners(svc, &listeners, agent, self_bound, &stop),
+        (Some(Ok(listeners)), _) => serve_listeners(svc, listeners, agent, self_bound, &stop),
         (Some(Err(e)), waiting) => fail_logged(&e, &waiting),
         // The waiting client is the connection on stdin/stdout or the passed socket.
         (None, Waiting::Client(conn)) => {
@@ -210,10 +215,10 @@ fn exit_status(outcome: &Outcome) -> u8 {
 
 fn serve_listeners(
     mut svc: Service,
-    listeners: &[Listener],
+    listeners: Vec<Listener>,
     agent: Option<std::net::TcpListener>,
     self_bound: bool,
-    stop: &Stop,
+    stop: &Arc<Stop>,
 ) -> u8 {
     remove_stale_tmp(&svc);
     match Stop::new() {
@@ -228,7 +233,7 @@ fn serve_listeners(
         max_idle: (!self_bound && !params.max_idle.is_zero()).then_some(params.max_idle),
         process_limit: usize::try_from(params.default_process_limit).unwrap_or(usize::MAX),
     };
-    for l in listeners {
+    for l in &listeners {
         log::info!("listening on {l}");
     }
     if let Some(agent) = agent {
@@ -237,7 +242,8 @@ fn serve_listeners(
             min_free_inodes: params.qmqpd_agent_check_mininodes,
         };
         let addr = params.qmqpd_agent_check_listen.clone();
-        if let Err(e) = agent::spawn(agent, svc.queue().dir().to_path_buf(), thresholds) {
+        let dir = svc.queue().dir().to_path_buf();
+        if let Err(e) = agent::spawn(agent, dir, thresholds, Arc::clone(stop)) {
             return fail_logged(
                 &format!("cannot start the agent check on {addr}: {e}"),
                 &Waiting::Nobody,
@@ -273,7 +279,7 @@ fn remove_stale_tmp(svc: &Service) {
     }
 }
 
-fn init_logging(cfg: &Config, verbose: u32, listener: bool) -> anyhow::Result<()> {
+fn init_logging(cfg: &Config, verbose: u32, stderr_ok: bool) -> anyhow::Result<()> {
     let level = program::log_level(verbose);
     logging::init(&LogSetup {
         program: "qmqpd",
@@ -281,14 +287,16 @@ fn init_logging(cfg: &Config, verbose: u32, listener: bool) -> anyhow::Result<()
         syslog_name: cfg.params.syslog_name.clone(),
         maillog_file: cfg.params.maillog_file.clone(),
         level,
-        stderr_ok: stderr_ok(listener),
+        stderr_ok,
     })
 }
 
 /// Stderr may carry messages only when it is not the client connection (or is a terminal).
+/// The connection is stdin/stdout, or `connection`, the socket systemd passed (Accept=yes:
+/// a unit may make it stderr too, `StandardError=socket`).
 /// A listener has no client on a standard descriptor: there stderr is usable unless it is
 /// a listening socket itself (inetd `wait` mode may pass the socket as fd 2 too).
-fn stderr_ok(listener: bool) -> bool {
+fn stderr_ok(listener: bool, connection: Option<BorrowedFd<'_>>) -> bool {
     if io::stderr().is_terminal() {
         return true;
     }
@@ -297,7 +305,7 @@ fn stderr_ok(listener: bool) -> bool {
         return nix::sys::stat::fstat(stderr.as_fd()).is_ok()
             && !matches!(listen::is_listening(stderr.as_fd()), Ok(true));
     }
-    !logging::stderr_is_connection(None)
+    !logging::stderr_is_connection(connection)
 }
 
 /// Started as root: become `mail_owner` (with its groups) before reading the client. The
@@ -342,7 +350,7 @@ fn waiting_client(incoming: &Result<Incoming, String>) -> Waiting {
 
 /// A configuration error before logging is set up: tell whoever can hear it, give a waiting
 /// client its Z, exit 78.
-fn fail_config(msg: &str, listener: bool, waiting: &Waiting) -> u8 {
+fn fail_config(msg: &str, stderr_ok: bool, waiting: &Waiting) -> u8 {
     let defaults = config::Params::default();
     let setup = LogSetup {
         program: "qmqpd",
@@ -350,7 +358,7 @@ fn fail_config(msg: &str, listener: bool, waiting: &Waiting) -> u8 {
         syslog_name: defaults.syslog_name,
         maillog_file: String::new(),
         level: log::LevelFilter::Info,
-        stderr_ok: stderr_ok(listener),
+        stderr_ok,
     };
     if logging::init(&setup).is_err() || io::stderr().is_terminal() {
         eprintln!("qmqpd: fatal: {msg}");

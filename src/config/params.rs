@@ -136,7 +136,7 @@ parameters! {
 
 impl Params {
     /// The request size limit, or `None` when `message_size_limit` is 0 (no limit, as Postfix).
-    pub fn size_limit(&self) -> Option<u64> {
+    pub(crate) fn size_limit(&self) -> Option<u64> {
         match self.message_size_limit {
             0 => None,
             limit => Some(limit),

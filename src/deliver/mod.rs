@@ -28,17 +28,17 @@ use crate::reply::Status;
 
 /// Default `--timeout` for `--exec`: the longest a command may run (Postfix's
 /// `command_time_limit`).
-pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(1000);
+pub(crate) const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(1000);
 /// Default `--timeout` for `--relay`: the longest one connect, read or write may take
 /// (`qmqpd_timeout`).
 pub const DEFAULT_RELAY_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default `--stale-time`: a claim in `cur/` untouched for this long belongs to a deliverer
 /// that died, and is taken back into `new/`.
-pub const DEFAULT_STALE_TIME: Duration = Duration::from_secs(3600);
+pub(crate) const DEFAULT_STALE_TIME: Duration = Duration::from_secs(3600);
 /// Default `--min-backoff` (Postfix's `minimal_backoff_time`).
-pub const DEFAULT_MIN_BACKOFF: Duration = Duration::from_secs(300);
+pub(crate) const DEFAULT_MIN_BACKOFF: Duration = Duration::from_secs(300);
 /// Default `--max-backoff` (Postfix's `maximal_backoff_time`).
-pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(4000);
+pub(crate) const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(4000);
 /// Most passes over `new/` one `--once` run makes (each pass claims at least one message).
 const MAX_ONCE_PASSES: usize = 1000;
 
