@@ -411,9 +411,16 @@ mod tests {
     /// A name server on a loopback port that answers UDP with `udp` and TCP with `tcp`
     /// (None: never answers), for one query each.
     fn server(udp: Option<fn(&Message) -> Message>, tcp: Option<fn(&Message) -> Message>) -> Dns {
-        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        // The same port number for UDP and TCP: another process may hold the TCP port of a
+        // free UDP one, so try a few ports.
+        let (socket, listener) = (0..20)
+            .find_map(|_| {
+                let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+                let addr = socket.local_addr().unwrap();
+                std::net::TcpListener::bind(addr).ok().map(|l| (socket, l))
+            })
+            .expect("no loopback port free for both UDP and TCP in 20 tries");
         let addr = socket.local_addr().unwrap();
-        let listener = std::net::TcpListener::bind(addr).unwrap();
         std::thread::spawn(move || {
             let mut buf = [0; 512];
             let (n, from) = socket.recv_from(&mut buf).unwrap();
