@@ -53,22 +53,30 @@ fn deliver_once(q: &TestQueue, args: &[&str]) -> Output {
     out
 }
 
-/// Queues one message through a real qmqpd in stdin mode; returns the new queue file.
-fn submit(q: &TestQueue, message: &[u8], sender: &[u8], recipients: &[&[u8]]) -> PathBuf {
-    let before: BTreeSet<PathBuf> = q.files("new").into_iter().collect();
+/// Queues one message through a real qmqpd in stdin mode; returns its queue ID, read from
+/// the `K` reply (a deliverer that is watching may already have taken the file from new/).
+fn submit_id(q: &TestQueue, message: &[u8], sender: &[u8], recipients: &[&[u8]]) -> String {
     let mut cmd = common::stdin_qmqpd(q, &[]);
     let out = run_bounded(&mut cmd, &request(message, sender, recipients), LIMIT);
-    assert!(
-        text(&out.stdout).contains(":KOk"),
-        "qmqpd did not queue: {}",
-        describe(&out)
-    );
+    let reply = text(&out.stdout);
+    let id = reply
+        .split_once(":KOk: queued as ")
+        .map(|(_, rest)| rest.trim_end_matches(','));
+    match id {
+        Some(id) if !id.is_empty() => id.to_string(),
+        _ => panic!("qmqpd did not queue: {}", describe(&out)),
+    }
+}
+
+/// Queues one message through a real qmqpd in stdin mode; returns the new queue file.
+fn submit(q: &TestQueue, message: &[u8], sender: &[u8], recipients: &[&[u8]]) -> PathBuf {
+    let id = submit_id(q, message, sender, recipients);
     let mut added: Vec<PathBuf> = q
         .files("new")
         .into_iter()
-        .filter(|p| !before.contains(p))
+        .filter(|p| id_of(p) == id)
         .collect();
-    assert_eq!(added.len(), 1, "one new queue file");
+    assert_eq!(added.len(), 1, "one new queue file for {id}");
     added.remove(0)
 }
 
@@ -736,21 +744,21 @@ fn deliver_watches_new_and_stops_on_sigterm() {
         .spawn()
         .unwrap();
     // Messages that arrive while it watches are delivered.
-    let first = submit(&q, MESSAGE, b"s@example.org", &[b"r@example.net"]);
+    let first = submit_id(&q, MESSAGE, b"s@example.org", &[b"r@example.net"]);
     let count = || {
         fs::read_to_string(&delivered)
             .map(|s| s.lines().count())
             .unwrap_or(0)
     };
     wait_for("the first delivery", || count() == 1);
-    let second = submit(&q, MESSAGE, b"s@example.org", &[b"r@example.net"]);
+    let second = submit_id(&q, MESSAGE, b"s@example.org", &[b"r@example.net"]);
     wait_for("the second delivery", || count() == 2);
     let pid = i32::try_from(deliverer.id()).unwrap();
     kill(Pid::from_raw(pid), Signal::SIGTERM).unwrap();
     let status = wait_bounded(&mut deliverer, LIMIT).expect("deliverer did not stop");
     assert_eq!(status.code(), Some(0));
     let lines = fs::read_to_string(&delivered).unwrap();
-    assert_eq!(lines, format!("{}\n{}\n", id_of(&first), id_of(&second)));
+    assert_eq!(lines, format!("{first}\n{second}\n"));
     let log = q.log_text();
     assert!(log.contains("stopping after the current message"), "{log}");
     assert!(log.contains("stopped"), "{log}");
