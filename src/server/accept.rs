@@ -1,12 +1,14 @@
-//! The accept loop of the listener modes: one thread per connection, at most
+//! The accept loop of the listener modes: one thread per running connection (threads are
+//! kept a while for reuse), at most
 //! `default_process_limit` at once (at the cap it stops accepting, never drops a
 //! connection), `max_use` and `max_idle`, the stop signal with its grace period, and what
 //! systemd is told (`sd_notify`). Each connection is served by `serve_connection`.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -29,29 +31,50 @@ pub struct Limits {
 
 /// Counts running connections so the loop can stop accepting at the cap.
 struct Active {
-    count: Mutex<usize>,
+    state: Mutex<Count>,
     changed: Condvar,
 }
 
+#[derive(Default)]
+struct Count {
+    running: usize,
+    /// Threads in `wait_below`: only they need to hear of a change (a wake-up is a
+    /// system call, not worth making twice a connection for nobody).
+    waiting: usize,
+}
+
 impl Active {
+    fn lock(&self) -> MutexGuard<'_, Count> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn get(&self) -> usize {
-        *self.count.lock().unwrap_or_else(|e| e.into_inner())
+        self.lock().running
     }
 
     /// Waits up to `wait` while the count is at least `limit`; returns the count.
     fn wait_below(&self, limit: usize, wait: Duration) -> usize {
-        let guard = self.count.lock().unwrap_or_else(|e| e.into_inner());
-        let (guard, _) = self
+        let mut count = self.lock();
+        if count.running < limit {
+            return count.running;
+        }
+        count.waiting += 1;
+        let (mut count, _) = self
             .changed
-            .wait_timeout_while(guard, wait, |n| *n >= limit)
+            .wait_timeout_while(count, wait, |c| c.running >= limit)
             .unwrap_or_else(|e| e.into_inner());
-        *guard
+        count.waiting -= 1;
+        count.running
     }
 
     fn add(&self, delta: isize) {
-        let mut n = self.count.lock().unwrap_or_else(|e| e.into_inner());
-        *n = n.saturating_add_signed(delta);
-        self.changed.notify_all();
+        let mut count = self.lock();
+        count.running = count.running.saturating_add_signed(delta);
+        let waiting = count.waiting > 0;
+        drop(count);
+        if waiting {
+            self.changed.notify_all();
+        }
     }
 }
 
@@ -61,6 +84,87 @@ struct Slot(Arc<Active>);
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.add(-1);
+    }
+}
+
+/// A connection and its slot, handed to a connection thread.
+struct Job {
+    conn: Connection,
+    slot: Slot,
+}
+
+/// How long a connection thread waits for the next connection before it exits.
+const WORKER_IDLE: Duration = Duration::from_secs(10);
+
+/// The connection threads, kept for reuse: one that has served its connection waits up to
+/// `WORKER_IDLE` for the next before it exits, so a busy listener does not create and tear
+/// down a thread per message (clone, stack and signal-stack set-up, and the TLB flush on
+/// every CPU when the stack is given back). There is never more than one thread per
+/// running connection, so `Active` still caps the threads too.
+#[derive(Default)]
+struct Workers {
+    state: Mutex<Waiting>,
+    work: Condvar,
+}
+
+#[derive(Default)]
+struct Waiting {
+    jobs: VecDeque<Job>,
+    /// Threads waiting for a job; each queued job has one of them to itself.
+    idle: usize,
+}
+
+impl Workers {
+    fn lock(&self) -> MutexGuard<'_, Waiting> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Serves `job` on a waiting thread, or on a new one. When no thread can be started,
+    /// the client is answered `Z` here and the error returned.
+    fn run(self: &Arc<Self>, svc: &Arc<Service>, job: Job) -> io::Result<()> {
+        let mut waiting = self.lock();
+        if waiting.idle > waiting.jobs.len() {
+            waiting.jobs.push_back(job);
+            // Woken after the lock is released, so the thread need not wait for it.
+            drop(waiting);
+            self.work.notify_one();
+            return Ok(());
+        }
+        drop(waiting);
+        // Handed over through a slot so that, if no thread can be started, the
+        // connection is still here to be answered.
+        let handover = Arc::new(Mutex::new(Some(job)));
+        let for_thread = Arc::clone(&handover);
+        let (workers, svc) = (Arc::clone(self), Arc::clone(svc));
+        let spawned = std::thread::Builder::new()
+            .name("connection".into())
+            .spawn(move || {
+                let first = for_thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let mut next = first;
+                while let Some(Job { conn, slot }) = next {
+                    serve_connection(&svc, conn);
+                    drop(slot);
+                    next = workers.next_job();
+                }
+            });
+        spawned.map(drop).inspect_err(|_| {
+            let job = handover.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(job) = job {
+                refuse(&job.conn, &Reply::Rejected(Rejection::Internal));
+            }
+        })
+    }
+
+    /// Waits up to `WORKER_IDLE` for the next job; `None` tells the thread to exit.
+    fn next_job(&self) -> Option<Job> {
+        let mut waiting = self.lock();
+        waiting.idle += 1;
+        let (mut waiting, _) = self
+            .work
+            .wait_timeout_while(waiting, WORKER_IDLE, |w| w.jobs.is_empty())
+            .unwrap_or_else(|e| e.into_inner());
+        waiting.idle -= 1;
+        waiting.jobs.pop_front()
     }
 }
 
@@ -81,10 +185,11 @@ pub fn run_listeners(
         l.set_nonblocking(true)?;
     }
     let active = Arc::new(Active {
-        count: Mutex::new(0),
+        state: Mutex::new(Count::default()),
         changed: Condvar::new(),
     });
     let limit = limits.process_limit.max(1);
+    let workers = Arc::new(Workers::default());
     let mut served: u64 = 0;
     let mut idle_since = Instant::now();
     let mut notifier = Notifier::new();
@@ -158,26 +263,8 @@ pub fn run_listeners(
             };
             active.add(1);
             let slot = Slot(Arc::clone(&active));
-            let svc_for_thread = Arc::clone(&svc);
-            // Handed over through a slot so that, if no thread can be started, the
-            // connection is still here to be answered.
-            let handover = Arc::new(Mutex::new(Some(conn)));
-            let for_thread = Arc::clone(&handover);
-            let spawned = std::thread::Builder::new()
-                .name("connection".into())
-                .spawn(move || {
-                    let _slot = slot;
-                    let conn = for_thread.lock().unwrap_or_else(|e| e.into_inner()).take();
-                    if let Some(conn) = conn {
-                        serve_connection(&svc_for_thread, conn);
-                    }
-                });
-            if let Err(e) = spawned {
+            if let Err(e) = workers.run(&svc, Job { conn, slot }) {
                 log::warn!("cannot start a connection thread: {e}: answering Z");
-                let conn = handover.lock().unwrap_or_else(|e| e.into_inner()).take();
-                if let Some(conn) = conn {
-                    refuse(&conn, &Reply::Rejected(Rejection::Internal));
-                }
             }
             if limits.max_use.is_some_and(|m| served >= m) {
                 break;
