@@ -310,7 +310,8 @@ enum Commit {
 }
 
 /// The system calls strace records for the durability order.
-const TRACED: &str = "trace=openat,fsync,fdatasync,rename,renameat,renameat2,link,linkat,write";
+const TRACED: &str =
+    "trace=openat,fsync,fdatasync,rename,renameat,renameat2,link,linkat,write,sendto";
 
 /// Checks in `trace` that the queue file was created by `commit`'s way, its data synced,
 /// then named in new/, then new/ synced, and only then `K` written.
@@ -357,7 +358,8 @@ fn assert_durability_order(commit: Commit, trace: &str) {
     );
     let reply = find_after(
         sync_dir + 1,
-        &|l| l.contains(" write(") && l.contains(":KOk: queued as"),
+        // A socket is written with send(2) (sendto), a pipe with write(2).
+        &|l| (l.contains(" write(") || l.contains(" sendto(")) && l.contains(":KOk: queued as"),
         "K reply",
     );
     assert!(reply > sync_dir, "{commit:?}: order wrong:\n{trace}");

@@ -8,13 +8,14 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::FileTypeExt;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::socket::{Shutdown, shutdown};
+use nix::sys::socket::{MsgFlags, Shutdown, recv, send, shutdown};
 
 use crate::access::{AccessError, MatchList};
 use crate::config::Params;
@@ -128,14 +129,19 @@ impl Service {
 pub struct Connection {
     rd: File,
     wr: File,
+    /// Whether it is a socket (connected or not any more), not a pipe or a file.
+    socket: bool,
 }
 
 impl Connection {
     /// The connection on stdin/stdout (inetd, xinetd, tcpserver, pipes).
     pub fn stdio() -> io::Result<Connection> {
+        let rd = File::from(io::stdin().as_fd().try_clone_to_owned()?);
+        let socket = rd.metadata()?.file_type().is_socket();
         Ok(Connection {
-            rd: File::from(io::stdin().as_fd().try_clone_to_owned()?),
+            rd,
             wr: File::from(io::stdout().as_fd().try_clone_to_owned()?),
+            socket,
         })
     }
 
@@ -145,6 +151,7 @@ impl Connection {
         Ok(Connection {
             rd: File::from(fd),
             wr,
+            socket: true,
         })
     }
 
@@ -153,6 +160,7 @@ impl Connection {
         let now = Instant::now();
         Timed {
             file: &self.rd,
+            socket: self.socket,
             timeout: limit,
             deadline: now.checked_add(limit).unwrap_or(now),
             stress: None,
@@ -162,8 +170,7 @@ impl Connection {
 
     /// True when the connection is a socket (connected or not any more), not a pipe.
     fn is_socket(&self) -> bool {
-        nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(self.rd.as_raw_fd())
-            .is_ok()
+        self.socket
     }
 
     /// Who is at the other end, according to the descriptor.
@@ -176,6 +183,9 @@ impl Connection {
 /// shrinks to `STRESS_TIMEOUT` while `stress` is set.
 struct Timed<'a> {
     file: &'a File,
+    /// A socket is first read or written without waiting (`MSG_DONTWAIT`), which saves a
+    /// `poll` whenever it is ready, as it mostly is.
+    socket: bool,
     timeout: Duration,
     deadline: Instant,
     stress: Option<&'a AtomicBool>,
@@ -224,10 +234,35 @@ impl Timed<'_> {
             }
         }
     }
+
+    /// `op` (a socket operation that does not wait) when it can be done at once: `None`
+    /// when it would wait, was interrupted, or a limit has passed or the transaction is cut
+    /// off (then `wait` says so).
+    fn at_once(
+        &self,
+        flags: PollFlags,
+        op: impl FnOnce() -> nix::Result<usize>,
+    ) -> io::Result<Option<usize>> {
+        let cut_off = flags.contains(PollFlags::POLLIN) && self.cut_off.is_some_and(Stop::is_set);
+        if !self.socket || cut_off || Instant::now() >= self.deadline {
+            return Ok(None);
+        }
+        match op() {
+            Ok(n) => Ok(Some(n)),
+            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
 }
 
 impl Read for Timed<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let fd = self.file.as_raw_fd();
+        if let Some(n) =
+            self.at_once(PollFlags::POLLIN, || recv(fd, buf, MsgFlags::MSG_DONTWAIT))?
+        {
+            return Ok(n);
+        }
         self.wait(PollFlags::POLLIN)?;
         (&mut &*self.file).read(buf)
     }
@@ -235,6 +270,11 @@ impl Read for Timed<'_> {
 
 impl Write for Timed<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let fd = self.file.as_raw_fd();
+        let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+        if let Some(n) = self.at_once(PollFlags::POLLOUT, || send(fd, buf, flags))? {
+            return Ok(n);
+        }
         self.wait(PollFlags::POLLOUT)?;
         (&mut &*self.file).write(buf)
     }
@@ -400,6 +440,7 @@ fn run_transaction(
     let timeout = svc.params.qmqpd_timeout;
     let mut rdr = Timed {
         file: &conn.rd,
+        socket: conn.socket,
         timeout,
         deadline: read_deadline,
         stress: Some(&svc.stress),
@@ -407,6 +448,7 @@ fn run_transaction(
     };
     let mut wr = Timed {
         file: &conn.wr,
+        socket: conn.socket,
         timeout,
         deadline,
         stress: Some(&svc.stress),
@@ -444,6 +486,7 @@ pub fn refuse(conn: &Connection, reply: &Reply) {
     let deadline = Instant::now() + LINGER;
     let mut wr = Timed {
         file: &conn.wr,
+        socket: conn.socket,
         timeout: LINGER,
         deadline,
         stress: None,
@@ -464,12 +507,15 @@ pub fn refuse(conn: &Connection, reply: &Reply) {
 /// may still be sending (an early reply), read and discard for a moment so the close does
 /// not reset the connection before the client reads the reply.
 fn close(conn: &Connection, outcome: &Outcome, deadline: Instant) {
-    let is_socket = shutdown(conn.wr.as_raw_fd(), Shutdown::Write).is_ok();
-    if !is_socket || outcome.request_read || matches!(outcome.end, End::Lost { .. }) {
+    if !conn.socket || shutdown(conn.wr.as_raw_fd(), Shutdown::Write).is_err() {
+        return;
+    }
+    if outcome.request_read || matches!(outcome.end, End::Lost { .. }) {
         return;
     }
     let mut rd = Timed {
         file: &conn.rd,
+        socket: true,
         timeout: LINGER,
         deadline: deadline.min(Instant::now() + LINGER),
         stress: None,
