@@ -6,7 +6,7 @@
 //! `client` and `queue`, which all read and write netstrings through this module only.
 
 use std::fmt;
-use std::io::{self, BufRead, Write};
+use std::io::{self, BufRead, Read, Write};
 
 /// Why a netstring could not be read.
 #[derive(Debug)]
@@ -86,6 +86,56 @@ pub fn read_len<R: BufRead>(
             b':' if digits > 0 => return Ok(len),
             _ => return Err(NetstringError::Format),
         }
+    }
+}
+
+/// Reads the `LEN:` of a netstring from an unbuffered `rdr` in a read or two instead of a
+/// read a byte, yet never past the netstring's end: after d digits, the first not `0`, the
+/// netstring is known to be at least d + 1 + 10^(d-1) + 1 bytes long, so that much may be
+/// asked for. Returns LEN and appends what was read after the `:` to `rest` (at most
+/// LEN + 1 bytes, all of them the netstring's). `arrived` is called when the first byte is
+/// in. Errors as `read_len`.
+pub fn read_len_ahead<R: Read>(
+    rdr: &mut R,
+    rest: &mut Vec<u8>,
+    mut arrived: impl FnMut(),
+) -> Result<u64, NetstringError> {
+    // More than the 20 digits of the largest u64 and its `:`.
+    let mut got = [0u8; 32];
+    let mut have = 0;
+    loop {
+        let mut seen = io::Cursor::new(&got[..have]);
+        match read_len(&mut seen, None) {
+            Ok(len) => {
+                let used = usize::try_from(seen.position()).unwrap_or(have);
+                rest.extend_from_slice(&got[used..have]);
+                return Ok(len);
+            }
+            Err(NetstringError::Lost(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {}
+            Err(e) => return Err(e),
+        }
+        // Only digits so far; a leading 0 can only be the length 0.
+        let least_len = match (have, got[0]) {
+            (0, _) | (_, b'0') => 0,
+            (digits, _) => 10u64.saturating_pow(u32::try_from(digits - 1).unwrap_or(u32::MAX)),
+        };
+        let least_total = least_len.saturating_add(have as u64 + 2);
+        let room = got.len() - have;
+        let want = usize::try_from(least_total - have as u64).map_or(room, |w| w.min(room));
+        let n = loop {
+            match rdr.read(&mut got[have..have + want]) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        if n == 0 {
+            return Err(NetstringError::Lost(io::ErrorKind::UnexpectedEof.into()));
+        }
+        if have == 0 {
+            arrived();
+        }
+        have += n;
     }
 }
 

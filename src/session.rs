@@ -228,12 +228,12 @@ impl<'a> Session<'a> {
         if !self.t.authorized {
             self.reject(Rejection::NotAuthorized(self.t.client.namaddr()));
         }
-        // Unbuffered, one byte a read, so nothing after the `:` is taken.
-        let mut header = BufReader::with_capacity(1, &mut *rdr);
-        netstring::fill(&mut header).map_err(|e| stop(e, Where::Header, Rejection::TooLarge))?;
-        self.started = true;
-        let len = netstring::read_len(&mut header, None)
-            .map_err(|e| stop(e, Where::Header, Rejection::TooLarge))?;
+        // Never a byte past the request's end is read.
+        let mut ahead = Vec::new();
+        let mut started = false;
+        let len = netstring::read_len_ahead(rdr, &mut ahead, || started = true);
+        self.started = started;
+        let len = len.map_err(|e| stop(e, Where::Header, Rejection::TooLarge))?;
         if params.size_limit().is_some_and(|limit| len > limit) {
             self.reject(Rejection::TooLarge);
         }
@@ -256,8 +256,11 @@ impl<'a> Session<'a> {
         };
         self.budget = len;
         log::debug!("{}: request of {len} bytes", self.log_id());
-        // The rest of the request is exactly `len` bytes and the outer `,`.
-        let mut body = BufReader::with_capacity(READ_BUFFER, rdr.take(len.saturating_add(1)));
+        // The rest of the request is exactly `len` bytes and the outer `,`, some of them
+        // read already.
+        let unread = len.saturating_add(1).saturating_sub(ahead.len() as u64);
+        let mut body =
+            BufReader::with_capacity(READ_BUFFER, io::Cursor::new(ahead).chain(rdr.take(unread)));
         self.receive_message(&mut body)?;
         give_up(self)?;
         self.receive_sender(&mut body)?;
@@ -644,7 +647,8 @@ mod tests {
         let input = request(&vec![b'x'; 5000], b"s@x", &[b"r@y"]);
         let (outcome, reply, read) = f.serve(&input, true);
         assert_eq!(reply, "25:DError: message too large,");
-        assert!(read < 10, "only the length was read, not {read} bytes");
+        // The length and what came with it in the same read (at most 32 bytes).
+        assert!(read <= 32, "only the length was read, not {read} bytes");
         assert!(!outcome.request_read);
         let input = request(&vec![b'x'; 3000], b"s@x", &[b"r@y"]);
         let (_, reply, read) = f.serve(&input, true);
