@@ -337,4 +337,69 @@ mod tests {
         let e: NetstringError = io::Error::from(io::ErrorKind::WouldBlock).into();
         assert!(matches!(e, NetstringError::Timeout(_)));
     }
+
+    /// A reader over `bytes` that hands out at most `chunk` bytes a read and counts them.
+    struct Trickle<'a> {
+        bytes: &'a [u8],
+        chunk: usize,
+        taken: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.chunk).min(self.bytes.len() - self.taken);
+            buf[..n].copy_from_slice(&self.bytes[self.taken..self.taken + n]);
+            self.taken += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn read_len_ahead_never_reads_past_the_netstring() {
+        for len in [0usize, 1, 9, 10, 11, 99, 100, 1064, 12_345] {
+            let mut bytes = encode(&vec![b'x'; len]);
+            let end = bytes.len();
+            bytes.extend_from_slice(b"AFTER THE END, NEVER TO BE READ");
+            for chunk in [1, 2, 3, 7, 64, 1 << 20] {
+                let mut rdr = Trickle {
+                    bytes: &bytes,
+                    chunk,
+                    taken: 0,
+                };
+                let (mut rest, mut arrived) = (Vec::new(), 0);
+                let got = read_len_ahead(&mut rdr, &mut rest, || arrived += 1).unwrap();
+                assert_eq!(got, len as u64, "{len} in reads of {chunk}");
+                assert_eq!(arrived, 1);
+                assert!(rdr.taken <= end, "{len}: read {} of {end}", rdr.taken);
+                let colon = usize::try_from(len_prefix_size(len as u64)).unwrap();
+                assert_eq!(rest, bytes[colon..rdr.taken], "{len} in reads of {chunk}");
+            }
+        }
+    }
+
+    #[test]
+    fn read_len_ahead_reports_errors_as_read_len() {
+        let ahead = |bytes: &[u8]| {
+            let mut rdr = Trickle {
+                bytes,
+                chunk: 1 << 20,
+                taken: 0,
+            };
+            let mut arrived = false;
+            let got = read_len_ahead(&mut rdr, &mut Vec::new(), || arrived = true);
+            (got, arrived)
+        };
+        assert!(matches!(ahead(b""), (Err(NetstringError::Lost(_)), false)));
+        assert!(matches!(ahead(b"12"), (Err(NetstringError::Lost(_)), true)));
+        assert!(matches!(
+            ahead(b"01:x,"),
+            (Err(NetstringError::Format), true)
+        ));
+        assert!(matches!(ahead(b"1x:"), (Err(NetstringError::Format), true)));
+        assert!(matches!(ahead(b":"), (Err(NetstringError::Format), true)));
+        assert!(matches!(
+            ahead(b"123456789012345678901234:"),
+            (Err(NetstringError::Overflow), true)
+        ));
+    }
 }
