@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::{AddressFamily, SockaddrLike, SockaddrStorage, getpeername};
 
 use crate::logging::sanitize;
-use crate::resolve::{HostFiles, TimedOut};
+use crate::resolve::{HostFiles, Snapshot, TimedOut};
 
 /// The name of a client nobody could name.
 pub(crate) const UNKNOWN: &str = "unknown";
@@ -211,6 +211,11 @@ pub(crate) trait Resolver: Send + Sync {
     fn reverse(&self, addr: IpAddr, deadline: Instant) -> Result<Option<String>, TimedOut>;
     /// The addresses the name maps to (A and AAAA).
     fn forward(&self, name: &str, deadline: Instant) -> Result<Vec<IpAddr>, TimedOut>;
+    /// The verified name of `addr` (see `confirm_name`), asked of one consistent view of
+    /// the resolver's sources where it has one.
+    fn confirm(&self, addr: IpAddr, deadline: Instant) -> Result<Option<String>, TimedOut> {
+        confirm_name(self, addr, deadline)
+    }
 }
 
 /// The system's hosts: /etc/hosts and DNS as /etc/nsswitch.conf orders them, without glibc's
@@ -224,6 +229,25 @@ impl Resolver for SystemResolver {
 
     fn forward(&self, name: &str, deadline: Instant) -> Result<Vec<IpAddr>, TimedOut> {
         HostFiles::default().forward(name, deadline)
+    }
+
+    /// Both queries read the system's files once between them.
+    fn confirm(&self, addr: IpAddr, deadline: Instant) -> Result<Option<String>, TimedOut> {
+        let files = HostFiles::default();
+        confirm_name(&Files(files.snapshot()), addr, deadline)
+    }
+}
+
+/// One look-up's view of the system's files, as a `Resolver`.
+struct Files<'a>(Snapshot<'a>);
+
+impl Resolver for Files<'_> {
+    fn reverse(&self, addr: IpAddr, deadline: Instant) -> Result<Option<String>, TimedOut> {
+        self.0.reverse(addr, deadline)
+    }
+
+    fn forward(&self, name: &str, deadline: Instant) -> Result<Vec<IpAddr>, TimedOut> {
+        self.0.forward(name, deadline)
     }
 }
 
@@ -248,7 +272,7 @@ fn look_up(
 ) -> Result<Option<String>, TimedOut> {
     let now = Instant::now();
     let deadline = now.checked_add(limit).unwrap_or(now);
-    confirm_name(resolver, addr, deadline).inspect_err(|_| {
+    resolver.confirm(addr, deadline).inspect_err(|_| {
         log::warn!(
             "host name look-up for {addr} took longer than {}s: using unknown",
             limit.as_secs_f32()
@@ -310,8 +334,8 @@ impl NameCache {
     }
 }
 
-fn confirm_name(
-    resolver: &dyn Resolver,
+fn confirm_name<R: Resolver + ?Sized>(
+    resolver: &R,
     addr: IpAddr,
     deadline: Instant,
 ) -> Result<Option<String>, TimedOut> {

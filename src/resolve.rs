@@ -10,6 +10,7 @@
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, MessageType, Query, ResponseCode};
@@ -51,6 +52,17 @@ impl Default for HostFiles {
 }
 
 impl HostFiles {
+    /// One look-up's view of the files: each is read at most once however many queries the
+    /// look-up makes (a verified name is a reverse and a forward query).
+    pub fn snapshot(&self) -> Snapshot<'_> {
+        Snapshot {
+            files: self,
+            sources: OnceLock::new(),
+            hosts: OnceLock::new(),
+            dns: OnceLock::new(),
+        }
+    }
+
     /// The sources to ask, in order.
     pub fn sources(&self) -> Vec<Source> {
         match read_text(&self.nsswitch) {
@@ -61,11 +73,51 @@ impl HostFiles {
 
     /// The name `addr` maps to: the first source that knows one wins.
     pub fn reverse(&self, addr: IpAddr, deadline: Instant) -> Result<Option<String>, TimedOut> {
+        self.snapshot().reverse(addr, deadline)
+    }
+
+    /// The addresses `name` maps to (A and AAAA): the first source that knows any wins.
+    pub fn forward(&self, name: &str, deadline: Instant) -> Result<Vec<IpAddr>, TimedOut> {
+        self.snapshot().forward(name, deadline)
+    }
+}
+
+/// `HostFiles` as one look-up reads them: nsswitch.conf, the hosts file and resolv.conf each
+/// read when first needed, then kept.
+pub struct Snapshot<'a> {
+    files: &'a HostFiles,
+    sources: OnceLock<Vec<Source>>,
+    /// The hosts file's text; `None` when it cannot be read.
+    hosts: OnceLock<Option<String>>,
+    dns: OnceLock<Dns>,
+}
+
+impl Snapshot<'_> {
+    fn sources(&self) -> &[Source] {
+        self.sources.get_or_init(|| self.files.sources())
+    }
+
+    fn hosts(&self) -> Option<&str> {
+        self.hosts
+            .get_or_init(|| read_text(&self.files.hosts).ok())
+            .as_deref()
+    }
+
+    fn dns(&self) -> &Dns {
+        self.dns.get_or_init(|| {
+            let config = read_text(&self.files.resolv)
+                .ok()
+                .and_then(|text| resolv_conf::Config::parse(text).ok())
+                .unwrap_or_default();
+            Dns::from_config(&config)
+        })
+    }
+
+    /// The name `addr` maps to: the first source that knows one wins.
+    pub fn reverse(&self, addr: IpAddr, deadline: Instant) -> Result<Option<String>, TimedOut> {
         for source in self.sources() {
             let name = match source {
-                Source::Files => read_text(&self.hosts)
-                    .ok()
-                    .and_then(|text| hosts_reverse(&text, addr)),
+                Source::Files => self.hosts().and_then(|text| hosts_reverse(text, addr)),
                 Source::Dns => {
                     let records = self
                         .dns()
@@ -88,8 +140,9 @@ impl HostFiles {
     pub fn forward(&self, name: &str, deadline: Instant) -> Result<Vec<IpAddr>, TimedOut> {
         for source in self.sources() {
             let addrs = match source {
-                Source::Files => read_text(&self.hosts)
-                    .map(|text| hosts_forward(&text, name))
+                Source::Files => self
+                    .hosts()
+                    .map(|text| hosts_forward(text, name))
                     .unwrap_or_default(),
                 Source::Dns => {
                     let Ok(mut fqdn) = Name::from_ascii(name) else {
@@ -110,14 +163,6 @@ impl HostFiles {
             }
         }
         Ok(Vec::new())
-    }
-
-    fn dns(&self) -> Dns {
-        let config = read_text(&self.resolv)
-            .ok()
-            .and_then(|text| resolv_conf::Config::parse(text).ok())
-            .unwrap_or_default();
-        Dns::from_config(&config)
     }
 }
 
@@ -538,5 +583,34 @@ mod tests {
         // Without files on the hosts: line, /etc/hosts is not read.
         std::fs::write(&files.nsswitch, "hosts: ldap\n").unwrap();
         assert_eq!(files.reverse(addr, deadline).unwrap(), None);
+    }
+
+    #[test]
+    fn a_snapshot_reads_each_file_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = HostFiles {
+            nsswitch: dir.path().join("nsswitch.conf"),
+            hosts: dir.path().join("hosts"),
+            resolv: dir.path().join("resolv.conf"),
+        };
+        std::fs::write(&files.nsswitch, "hosts: files\n").unwrap();
+        std::fs::write(&files.hosts, HOSTS).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let addr: IpAddr = "192.0.2.1".parse().unwrap();
+        let snapshot = files.snapshot();
+        assert!(snapshot.reverse(addr, deadline).unwrap().is_some());
+        // The forward query of the same look-up sees the files as the reverse one did.
+        std::fs::write(&files.hosts, "").unwrap();
+        assert_eq!(
+            snapshot.forward("mail.example.org", deadline).unwrap(),
+            [addr]
+        );
+        // A new look-up reads them again.
+        assert!(
+            files
+                .forward("mail.example.org", deadline)
+                .unwrap()
+                .is_empty()
+        );
     }
 }

@@ -232,6 +232,8 @@ pub(crate) struct SyncState {
     /// Every caller up to this number is covered by a completed fsync.
     pub(crate) synced: u64,
     pub(crate) running: bool,
+    /// Callers waiting for the running fsync to end.
+    waiting: usize,
     /// The directory, opened once.
     dir: Option<File>,
 }
@@ -259,7 +261,9 @@ impl DirSync {
                 return Ok(());
             }
             if st.running {
+                st.waiting += 1;
                 st = self.done.wait(st).unwrap_or_else(|e| e.into_inner());
+                st.waiting -= 1;
                 continue;
             }
             // Everyone who asked so far is covered by the fsync that starts now.
@@ -273,7 +277,10 @@ impl DirSync {
             let result = dir.and_then(|dir| dir.sync_all().map(|()| dir));
             st = self.lock();
             st.running = false;
-            self.done.notify_all();
+            // A wake-up is a system call: none when nobody waits (a one-shot never does).
+            if st.waiting > 0 {
+                self.done.notify_all();
+            }
             match result {
                 Ok(dir) => {
                     st.dir = Some(dir);

@@ -165,6 +165,7 @@ impl Connection {
             deadline: now.checked_add(limit).unwrap_or(now),
             stress: None,
             cut_off: None,
+            unchecked: 0,
         }
     }
 
@@ -191,7 +192,13 @@ struct Timed<'a> {
     stress: Option<&'a AtomicBool>,
     /// Reads fail with [`CutOff`] once this is set.
     cut_off: Option<&'a Stop>,
+    /// Reads done at once since `cut_off` was last asked.
+    unchecked: u32,
 }
+
+/// How many reads may be done at once before `Timed` asks whether the transaction is cut
+/// off (at 64 KiB a read, every 1 MiB).
+const CUT_OFF_EVERY: u32 = 16;
 
 impl Timed<'_> {
     /// The per-operation timeout in force now.
@@ -239,13 +246,24 @@ impl Timed<'_> {
     /// when it would wait, was interrupted, or a limit has passed or the transaction is cut
     /// off (then `wait` says so).
     fn at_once(
-        &self,
+        &mut self,
         flags: PollFlags,
         op: impl FnOnce() -> nix::Result<usize>,
     ) -> io::Result<Option<usize>> {
-        let cut_off = flags.contains(PollFlags::POLLIN) && self.cut_off.is_some_and(Stop::is_set);
-        if !self.socket || cut_off || Instant::now() >= self.deadline {
+        if !self.socket || Instant::now() >= self.deadline {
             return Ok(None);
+        }
+        // Whether the transaction is cut off is a system call to ask (a one-shot reads its
+        // signalfd): asked every `CUT_OFF_EVERY` reads that need not wait, and before every
+        // wait, so a client that keeps sending is still cut off soon after a stop.
+        if flags.contains(PollFlags::POLLIN) && self.cut_off.is_some() {
+            self.unchecked += 1;
+            if self.unchecked >= CUT_OFF_EVERY {
+                self.unchecked = 0;
+                if self.cut_off.is_some_and(Stop::is_set) {
+                    return Ok(None);
+                }
+            }
         }
         match op() {
             Ok(n) => Ok(Some(n)),
@@ -445,6 +463,7 @@ fn run_transaction(
         deadline: read_deadline,
         stress: Some(&svc.stress),
         cut_off: svc.cut_off.as_deref(),
+        unchecked: 0,
     };
     let mut wr = Timed {
         file: &conn.wr,
@@ -453,6 +472,7 @@ fn run_transaction(
         deadline,
         stress: Some(&svc.stress),
         cut_off: None,
+        unchecked: 0,
     };
     let t = Transaction {
         client,
@@ -491,6 +511,7 @@ pub fn refuse(conn: &Connection, reply: &Reply) {
         deadline,
         stress: None,
         cut_off: None,
+        unchecked: 0,
     };
     let end = match wr.write_all(&reply.encode(false)) {
         Ok(()) => End::Replied(reply.clone()),
@@ -520,6 +541,7 @@ fn close(conn: &Connection, outcome: &Outcome, deadline: Instant) {
         deadline: deadline.min(Instant::now() + LINGER),
         stress: None,
         cut_off: None,
+        unchecked: 0,
     };
     let mut buf = [0u8; 8192];
     while let Ok(n) = rd.read(&mut buf) {
