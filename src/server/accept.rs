@@ -306,19 +306,28 @@ pub fn run_listeners(
 }
 
 /// Tells systemd how the listener is doing (a no-op without `$NOTIFY_SOCKET`): READY=1,
-/// STATUS= when the counts change, WATCHDOG=1 at half the watchdog interval, STOPPING=1.
+/// STATUS= when the counts change (at most once a second), WATCHDOG=1 at half the watchdog
+/// interval, STOPPING=1.
 struct Notifier {
+    /// Whether a service manager listens (`$NOTIFY_SOCKET` is set).
+    listening: bool,
     watchdog: Option<Duration>,
     last_ping: Instant,
     last_status: (u64, usize),
+    status_sent: Option<Instant>,
 }
 
 impl Notifier {
+    /// The most often STATUS= is sent: a busy listener's counts change with every message.
+    const STATUS_EVERY: Duration = Duration::from_secs(1);
+
     fn new() -> Notifier {
         Notifier {
+            listening: std::env::var_os("NOTIFY_SOCKET").is_some(),
             watchdog: sd_notify::watchdog_enabled(),
             last_ping: Instant::now(),
             last_status: (u64::MAX, usize::MAX),
+            status_sent: None,
         }
     }
 
@@ -343,8 +352,16 @@ impl Notifier {
     }
 
     fn tick(&mut self, served: u64, active: usize) {
-        if self.last_status != (served, active) {
+        if !self.listening {
+            return;
+        }
+        if self.last_status != (served, active)
+            && self
+                .status_sent
+                .is_none_or(|at| at.elapsed() >= Self::STATUS_EVERY)
+        {
             self.last_status = (served, active);
+            self.status_sent = Some(Instant::now());
             let status = format!("served {served} connections, {active} active");
             Self::send(&[sd_notify::NotifyState::Status(&status)]);
         }
