@@ -128,7 +128,8 @@ impl Service {
 /// A client connection: where the request is read from and the reply written to.
 pub struct Connection {
     rd: File,
-    wr: File,
+    /// Where the reply goes when that is not `rd` (stdout, beside stdin).
+    wr: Option<File>,
     /// Whether it is a socket (connected or not any more), not a pipe or a file.
     socket: bool,
 }
@@ -140,19 +141,23 @@ impl Connection {
         let socket = rd.metadata()?.file_type().is_socket();
         Ok(Connection {
             rd,
-            wr: File::from(io::stdout().as_fd().try_clone_to_owned()?),
+            wr: Some(File::from(io::stdout().as_fd().try_clone_to_owned()?)),
             socket,
         })
     }
 
     /// A connected socket (accepted, or passed by systemd with Accept=yes).
     pub fn socket(fd: OwnedFd) -> io::Result<Connection> {
-        let wr = File::from(fd.try_clone()?);
         Ok(Connection {
             rd: File::from(fd),
-            wr,
+            wr: None,
             socket: true,
         })
+    }
+
+    /// Where the reply goes.
+    fn wr(&self) -> &File {
+        self.wr.as_ref().unwrap_or(&self.rd)
     }
 
     /// The read side with one overall time limit, for the PROXY header.
@@ -466,7 +471,7 @@ fn run_transaction(
         unchecked: 0,
     };
     let mut wr = Timed {
-        file: &conn.wr,
+        file: conn.wr(),
         socket: conn.socket,
         timeout,
         deadline,
@@ -505,7 +510,7 @@ fn reply_on_panic<W: Write>(wr: &mut W, serve: impl FnOnce(&mut W) -> Outcome) -
 pub fn refuse(conn: &Connection, reply: &Reply) {
     let deadline = Instant::now() + LINGER;
     let mut wr = Timed {
-        file: &conn.wr,
+        file: conn.wr(),
         socket: conn.socket,
         timeout: LINGER,
         deadline,
@@ -528,7 +533,7 @@ pub fn refuse(conn: &Connection, reply: &Reply) {
 /// may still be sending (an early reply), read and discard for a moment so the close does
 /// not reset the connection before the client reads the reply.
 fn close(conn: &Connection, outcome: &Outcome, deadline: Instant) {
-    if !conn.socket || shutdown(conn.wr.as_raw_fd(), Shutdown::Write).is_err() {
+    if !conn.socket || shutdown(conn.wr().as_raw_fd(), Shutdown::Write).is_err() {
         return;
     }
     if outcome.request_read || matches!(outcome.end, End::Lost { .. }) {
