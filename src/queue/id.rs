@@ -5,6 +5,7 @@
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -16,6 +17,9 @@ const ID_DIGITS: &[u8; 32] = b"0123456789ABCDEFGHIJKLMNOPQRSTUV";
 
 static ID_COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// This process's ID, asked of the kernel once (qmqpd never forks).
+static PROCESS_ID: OnceLock<u32> = OnceLock::new();
+
 /// A new queue ID: arrival time in microseconds (11 digits), process ID (5 digits) and a
 /// per-process counter (2 digits), base 32. Unique on this host; sorts by arrival time.
 pub fn new_queue_id(now: SystemTime) -> String {
@@ -25,7 +29,11 @@ pub fn new_queue_id(now: SystemTime) -> String {
     let counter = ID_COUNTER.fetch_add(1, Ordering::Relaxed);
     let mut id = String::with_capacity(18);
     push_base32(&mut id, micros, 11);
-    push_base32(&mut id, u64::from(std::process::id()), 5);
+    push_base32(
+        &mut id,
+        u64::from(*PROCESS_ID.get_or_init(std::process::id)),
+        5,
+    );
     push_base32(&mut id, u64::from(counter), 2);
     id
 }
