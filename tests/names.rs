@@ -242,3 +242,57 @@ fn listener_ignores_launcher_variables() {
         q.log_text()
     );
 }
+
+/// A connection to `addr` from the loopback address `from`.
+fn connect_from(from: Ipv4Addr, addr: SocketAddr) -> TcpStream {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket};
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::from(std::net::SocketAddrV4::new(from, 0)),
+    )
+    .unwrap();
+    let SocketAddr::V4(to) = addr else {
+        panic!("{addr} is not IPv4")
+    };
+    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(to)).unwrap();
+    TcpStream::from(fd)
+}
+
+#[test]
+fn a_listener_thread_drops_a_debug_peers_verbosity_before_its_next_connection() {
+    let q = TestQueue::new();
+    // One connection at a time: the thread that served the first waits for the next.
+    let server = Server::start(
+        &q,
+        &[
+            "-o",
+            "debug_peer_list=127.0.0.2",
+            "-o",
+            "default_process_limit=1",
+        ],
+    );
+    for from in [Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::LOCALHOST] {
+        let mut s = connect_from(from, server.addr);
+        s.set_read_timeout(Some(LIMIT)).unwrap();
+        let reply = client::send(&mut s, &mut &b"x\n"[..], 2, b"s@x", &[b"r@x"]).unwrap();
+        assert_eq!(reply.status, Status::Ok, "{reply:?}");
+        // Long enough for the thread to be waiting for the next connection.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(server);
+    let log = q.log_text();
+    assert!(log.contains("connect from unknown[127.0.0.2]"), "{log}");
+    assert!(log.contains("connect from unknown[127.0.0.1]"), "{log}");
+    assert_eq!(
+        log.matches(": request of ").count(),
+        1,
+        "debug lines for the debug peer only:\n{log}"
+    );
+}

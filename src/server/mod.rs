@@ -421,9 +421,8 @@ pub fn serve_connection(svc: &Service, conn: Connection) -> Outcome {
         client.name_verified = true;
     }
     let debug_peer = svc.debug_peers.matches(client.verified_name(), client.addr);
-    if debug_peer {
-        crate::logging::set_thread_boost(params.debug_peer_level);
-    }
+    // Until this connection ends: its thread serves the next one afterwards.
+    let _boost = debug_peer.then(|| ThreadBoost::set(params.debug_peer_level));
     log::info!("connect from {}", client.namaddr());
     let authorized = svc.clients.matches(client.verified_name(), client.addr);
     log::debug!(
@@ -447,10 +446,23 @@ pub fn serve_connection(svc: &Service, conn: Connection) -> Outcome {
              launcher that names it (ucspi-tcp sets PROTO=TCP TCPREMOTEIP=...)"
         );
     }
-    if debug_peer {
+    outcome
+}
+
+/// `debug_peer_level` extra verbosity for this thread's log lines while it lives.
+struct ThreadBoost;
+
+impl ThreadBoost {
+    fn set(steps: u32) -> ThreadBoost {
+        crate::logging::set_thread_boost(steps);
+        ThreadBoost
+    }
+}
+
+impl Drop for ThreadBoost {
+    fn drop(&mut self) {
         crate::logging::set_thread_boost(0);
     }
-    outcome
 }
 
 fn run_transaction(
