@@ -11,7 +11,12 @@
 //! A negative control (a writer that renames into `new/` without fsyncing its file) must
 //! fail the same check, so the check is shown to catch lost data; and `qmqp-queue deliver`
 //! runs under the same power cuts: no message is delivered and still waiting in `new/`,
-//! and none is lost. docs/reliability.md says what this covers and what it cannot.
+//! and none is lost.
+//!
+//! LazyFS (FUSE) has no `O_TMPFILE` and passes directory operations straight through, so
+//! the `linkat` commit path and the fsyncs of directories are cut in `ext4.rs` instead:
+//! the queue on a real ext4 whose disk is an image on LazyFS. docs/reliability.md says
+//! what each covers and what it cannot.
 //!
 //! Repeat a run's random moments with the `QMQPD_FAULT_SEED` it printed.
 
