@@ -183,6 +183,7 @@ impl LazyDisk {
         if !Path::new("/dev/loop-control").exists() {
             return skip_or_fail("no loop devices here (/dev/loop-control is missing)");
         }
+        LazyFs::check_usable()?;
         let tools = DiskTools {
             losetup: require_tool("losetup")?,
             mount: require_tool("mount")?,

@@ -99,7 +99,7 @@ impl LazyFs {
 
     /// None (skipped, or a failure under QMQPD_REQUIRE_INTEROP=1) when LazyFS or FUSE is
     /// missing.
-    fn check_usable() -> Option<()> {
+    pub fn check_usable() -> Option<()> {
         built_tool("QMQPD_LAZYFS")?;
         if let Err(e) = std::fs::OpenOptions::new()
             .read(true)
