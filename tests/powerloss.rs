@@ -139,9 +139,7 @@ impl Machine {
             thread::sleep(Duration::from_millis(10));
         }
     }
-}
 
-impl Machine {
     /// `setsid` made the child a session leader: its pid is the session ID.
     fn sid(&self) -> i32 {
         i32::try_from(self.child.id()).expect("pid fits in i32")

@@ -9,9 +9,10 @@
 //! reaps the lazyfs process, also when the test fails.
 //!
 //! `LazyFs::mount_on` puts a LazyFS over a backing directory of the caller's (so that a
-//! disk image on it outlives one mount: see `lazydisk`), and `LazyFs::crash` cuts the power
-//! the other way, with LazyFS's crash fault: lazyfs kills itself (SIGKILL) at the next write
-//! or fsync of a matching file, so nothing written from then on reaches the backing file.
+//! disk image on it outlives one mount: see `lazydisk`), and `arm_crash` / `await_crash`
+//! cut the power the other way, with LazyFS's crash fault: lazyfs kills itself (SIGKILL)
+//! just before a chosen operation on a matching file, so nothing written from then on
+//! reaches the backing directory.
 
 use std::fs::File;
 use std::io::Write;
@@ -47,7 +48,7 @@ const ARM_PAUSE: Duration = Duration::from_millis(50);
 #[derive(Debug)]
 pub struct Crashed(pub String);
 
-/// How a `LazyFs::crash` cut the power.
+/// How a crash fault (`LazyFs::await_crash`) cut the power.
 #[derive(Debug, Clone, Copy)]
 pub struct Crash {
     /// lazyfs killed itself at a matching operation (false: the test killed it).
@@ -56,8 +57,9 @@ pub struct Crash {
     pub unsynced: Option<u64>,
 }
 
-/// One LazyFS mount in a fresh temporary directory: `root/` (the "disk"), `mnt/` (the
-/// file system the programs under test use), the fault FIFO, the config and lazyfs's log.
+/// One LazyFS mount: a backing directory (the "disk": `root/` of a fresh temporary
+/// directory, or the caller's with `mount_on`), `mnt/` (the file system the programs under
+/// test use), the fault FIFO, the config and lazyfs's log.
 pub struct LazyFs {
     /// Where `mnt/`, the FIFO, the config and the log are.
     dir: PathBuf,
@@ -213,7 +215,7 @@ impl LazyFs {
         Ok(())
     }
 
-    /// Writes `command` (lines) to the fault FIFO once lazyfs reads it. Err (lazyfs killed)
+    /// Writes `command` (one line) to the fault FIFO once lazyfs reads it. Err (lazyfs killed)
     /// when lazyfs is no longer running or does not open its FIFO before `deadline`.
     fn send_fault(&mut self, command: &[u8], deadline: Instant) -> Result<(), Crashed> {
         use std::os::unix::fs::OpenOptionsExt;
