@@ -11,11 +11,18 @@
 //! A negative control (a writer that renames into `new/` without fsyncing its file) must
 //! fail the same check, so the check is shown to catch lost data; and `qmqp-queue deliver`
 //! runs under the same power cuts: no message is delivered and still waiting in `new/`,
-//! and none is lost. docs/reliability.md says what this covers and what it cannot.
+//! and none is lost.
+//!
+//! LazyFS (FUSE) has no `O_TMPFILE` and passes directory operations straight through, so
+//! the `linkat` commit path and the fsyncs of directories are cut in `ext4.rs` instead:
+//! the queue on a real ext4 whose disk is an image on LazyFS. docs/reliability.md says
+//! what each covers and what it cannot.
 //!
 //! Repeat a run's random moments with the `QMQPD_FAULT_SEED` it printed.
 
 mod common;
+#[path = "powerloss/ext4.rs"]
+mod ext4;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -113,25 +120,8 @@ impl Machine {
     /// read the end of its pipe when qmqp-queue dies first, and finish with half a message,
     /// which no power cut does.
     fn power_off(&mut self) -> bool {
-        // `setsid` made the child a session leader: its pid is the session ID.
-        let sid = i32::try_from(self.child.id()).expect("pid fits in i32");
-        if !self.off {
-            self.off = true;
-            for _ in 0..200 {
-                let running: Vec<i32> = session_members(sid)
-                    .into_iter()
-                    .filter(|&(_, state)| state != 'T')
-                    .map(|(pid, _)| pid)
-                    .collect();
-                if running.is_empty() {
-                    break;
-                }
-                for pid in running {
-                    let _ = kill(Pid::from_raw(pid), Signal::SIGSTOP);
-                }
-                thread::sleep(Duration::from_millis(5));
-            }
-        }
+        self.freeze();
+        let sid = self.sid();
         let deadline = Instant::now() + STOP_LIMIT;
         loop {
             let members = session_members(sid);
@@ -147,6 +137,59 @@ impl Machine {
                 return false;
             }
             thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `setsid` made the child a session leader: its pid is the session ID.
+    fn sid(&self) -> i32 {
+        i32::try_from(self.child.id()).expect("pid fits in i32")
+    }
+
+    /// Sends SIGSTOP to every process of the session, each once, without waiting for them
+    /// to stop: from then on none of them does anything more in user space. One in a
+    /// system call (an fsync, a write) stops when the call returns, before it can act on
+    /// the result; until then the kernel carries the call on. `power_off` then kills them.
+    fn stop_now(&mut self) {
+        let sid = self.sid();
+        let mut stopped = BTreeSet::new();
+        // Again until no new member shows up (a child forked meanwhile).
+        for _ in 0..200 {
+            let new: Vec<i32> = session_members(sid)
+                .into_iter()
+                .map(|(pid, _)| pid)
+                .filter(|pid| !stopped.contains(pid))
+                .collect();
+            if new.is_empty() {
+                break;
+            }
+            for pid in new {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGSTOP);
+                stopped.insert(pid);
+            }
+        }
+    }
+
+    /// Stops (SIGSTOP) every process of the session, once, and waits until all have
+    /// stopped (at most about a second).
+    fn freeze(&mut self) {
+        if self.off {
+            return;
+        }
+        self.off = true;
+        let sid = self.sid();
+        for _ in 0..200 {
+            let running: Vec<i32> = session_members(sid)
+                .into_iter()
+                .filter(|&(_, state)| state != 'T')
+                .map(|(pid, _)| pid)
+                .collect();
+            if running.is_empty() {
+                break;
+            }
+            for pid in running {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGSTOP);
+            }
+            thread::sleep(Duration::from_millis(5));
         }
     }
 }
@@ -823,13 +866,14 @@ fn list(dir: &Path) -> Vec<PathBuf> {
     paths
 }
 
-/// After the power comes back: points the test queue at the disk itself (the backing
-/// directory: LazyFS answers `stat` from its own cache and would hide a changed mtime),
-/// ages the `tmp/` leftovers past the 36 hours after which a run removes them, starts a
-/// listener (which removes stale `tmp/` files at start), and asserts that they are gone.
-fn assert_later_run_cleans_tmp(q: &TestQueue, fs: &LazyFs, leftovers: &[PathBuf]) {
+/// After the power comes back: points the test queue at `disk_queue`, the queue as the
+/// disk holds it (for a queue directly on LazyFS its backing directory: LazyFS answers
+/// `stat` from its own cache and would hide a changed mtime), ages the `tmp/` leftovers past
+/// the 36 hours after which a run removes them, starts a listener (which removes stale
+/// `tmp/` files at start), and asserts that they are gone.
+fn assert_later_run_cleans_tmp(q: &TestQueue, disk_queue: &Path, leftovers: &[PathBuf]) {
     std::fs::remove_file(q.queue_dir()).expect("cannot remove the queue link");
-    std::os::unix::fs::symlink(fs.disk().join("queue"), q.queue_dir())
+    std::os::unix::fs::symlink(disk_queue, q.queue_dir())
         .expect("cannot link the queue to the disk");
     let old = SystemTime::now() - Duration::from_secs(37 * 3600);
     for path in leftovers {
@@ -854,7 +898,7 @@ fn assert_later_run_cleans_tmp(q: &TestQueue, fs: &LazyFs, leftovers: &[PathBuf]
         q.log_text()
     );
     drop(server);
-    let left = list(&fs.disk().join("queue/tmp"));
+    let left = list(&disk_queue.join("tmp"));
     assert!(
         left.is_empty(),
         "tmp/ leftovers not cleaned by a later run: {left:?}"
@@ -864,24 +908,71 @@ fn assert_later_run_cleans_tmp(q: &TestQueue, fs: &LazyFs, leftovers: &[PathBuf]
 // ---------------------------------------------------------------------------------------
 // The runs.
 
-/// A TestQueue whose queue directory is `queue/` on the LazyFS mount.
-fn queue_on(fs: &LazyFs) -> TestQueue {
+/// Where a run's queue lives and how its power is cut: directly on LazyFS (`LazyFs`), or
+/// on an ext4 on a disk image on LazyFS (`ext4::Ext4Disk`).
+trait Disk {
+    /// The directory the queue is made in, while the power is on.
+    fn mounted(&self) -> PathBuf;
+    /// A scratch directory off the disk (logs, outputs).
+    fn scratch(&self) -> PathBuf;
+    /// A power cut: every process of `machines` dies and the unsynced data is gone; then,
+    /// when `back_on`, the power comes back. Err when LazyFS failed (the run is void).
+    fn power_cut(&mut self, machines: &mut [&mut Machine], back_on: bool) -> Result<(), Crashed>;
+    /// After the last cut: the directory that `mounted` was, as the disk holds it.
+    fn durable(&mut self) -> PathBuf;
+    /// Power cuts so far.
+    fn cuts(&self) -> usize;
+}
+
+impl Disk for LazyFs {
+    fn mounted(&self) -> PathBuf {
+        self.mnt()
+    }
+
+    fn scratch(&self) -> PathBuf {
+        LazyFs::scratch(self).to_path_buf()
+    }
+
+    fn power_cut(&mut self, machines: &mut [&mut Machine], _back_on: bool) -> Result<(), Crashed> {
+        power_cut(self, machines)
+    }
+
+    fn durable(&mut self) -> PathBuf {
+        self.disk()
+    }
+
+    fn cuts(&self) -> usize {
+        LazyFs::cuts(self)
+    }
+}
+
+/// A TestQueue whose queue directory is `queue/` in `dir` (on the disk under test).
+fn queue_on(dir: &Path) -> TestQueue {
     let q = TestQueue::new();
-    std::fs::create_dir(fs.mnt().join("queue")).expect("cannot create the queue on LazyFS");
+    std::fs::create_dir_all(dir.join("queue")).expect("cannot create the queue on the disk");
     std::fs::remove_dir(q.queue_dir()).expect("cannot remove the test queue");
-    std::os::unix::fs::symlink(fs.mnt().join("queue"), q.queue_dir())
-        .expect("cannot link the queue");
+    std::os::unix::fs::symlink(dir.join("queue"), q.queue_dir()).expect("cannot link the queue");
     q
 }
 
 /// Runs `run` on a fresh LazyFS mount, again on a new one when LazyFS itself crashed (a
 /// void run, not a verdict: see `Crashed`), at most LAZYFS_ATTEMPTS times. None when
 /// LazyFS or FUSE is missing (skipped).
-fn on_lazyfs(label: &str, mut run: impl FnMut(&mut LazyFs) -> Result<(), Crashed>) -> Option<()> {
+fn on_lazyfs(label: &str, run: impl FnMut(&mut LazyFs) -> Result<(), Crashed>) -> Option<()> {
+    on_fresh(label, || LazyFs::mount(CACHE_MB), run)
+}
+
+/// Runs `run` on a fresh disk from `make`, again on a new one when LazyFS itself crashed,
+/// at most LAZYFS_ATTEMPTS times. None when `make` skips.
+fn on_fresh<D>(
+    label: &str,
+    mut make: impl FnMut() -> Option<D>,
+    mut run: impl FnMut(&mut D) -> Result<(), Crashed>,
+) -> Option<()> {
     let mut crashes = Vec::new();
     for attempt in 1..=LAZYFS_ATTEMPTS {
-        let mut fs = LazyFs::mount(CACHE_MB)?;
-        match run(&mut fs) {
+        let mut disk = make()?;
+        match run(&mut disk) {
             Ok(()) => return Some(()),
             Err(Crashed(why)) => {
                 eprintln!("{label}: attempt {attempt} void, LazyFS crashed: {why}");
@@ -902,53 +993,56 @@ fn power_cuts_in_mode(mode: Mode) {
     };
     for method in commit_methods() {
         let label = format!("{mode:?}, commit {}", method.unwrap_or("tmp/ + rename"));
-        let done = on_lazyfs(&label, |fs| power_cuts_once(fs, &tools, mode, method));
+        let done = on_lazyfs(&label, |fs| {
+            let tmpfile = o_tmpfile_support(&fs.mnt());
+            let label = match (method, &tmpfile) {
+                (None, _) => format!("{mode:?}, commit tmp/ + rename"),
+                (Some("auto"), Err(e)) => format!("{mode:?}, commit auto (tmp/ + rename: {e})"),
+                (Some(m), _) => format!("{mode:?}, commit {m}"),
+            };
+            if let (Some("linkat"), Err(e)) = (method, &tmpfile) {
+                // Without O_TMPFILE the linkat path cannot run on LazyFS at all: the ext4
+                // on a LazyFS disk (ext4.rs) covers it.
+                eprintln!("{label}: not run here: LazyFS has no O_TMPFILE ({e}); see ext4.rs");
+                return Ok(());
+            }
+            power_cuts_once(fs, &tools, (mode, method), CUTS, &label).map(drop)
+        });
         if done.is_none() {
             return;
         }
     }
 }
 
-/// One run: qmqpd in `mode` with commit `method` on `fs`, the load, CUTS power cuts during
-/// it and one after it, then the check.
-fn power_cuts_once(
-    fs: &mut LazyFs,
+/// One run: qmqpd in `mode` with commit `method` on `disk`, the load, `cuts` power cuts
+/// during it and one after it, then the check. Returns the queue (its log) for the
+/// caller's own checks.
+fn power_cuts_once<D: Disk>(
+    disk: &mut D,
     tools: &Tools,
-    mode: Mode,
-    method: Option<&str>,
-) -> Result<(), Crashed> {
-    let tmpfile = o_tmpfile_support(&fs.mnt());
-    let label = match (method, &tmpfile) {
-        (None, _) => format!("{mode:?}, commit tmp/ + rename"),
-        (Some("auto"), Err(e)) => format!("{mode:?}, commit auto (tmp/ + rename: {e})"),
-        (Some(m), _) => format!("{mode:?}, commit {m}"),
-    };
-    if let (Some("linkat"), Err(e)) = (method, &tmpfile) {
-        // Without O_TMPFILE the linkat path cannot run on LazyFS at all: its durability
-        // is checked by the call-order test (strace) instead.
-        eprintln!(
-            "{label}: not run: LazyFS has no O_TMPFILE ({e}); the call-order test covers linkat"
-        );
-        return Ok(());
-    }
-    let q = queue_on(fs);
+    (mode, method): (Mode, Option<&str>),
+    cuts: usize,
+    label: &str,
+) -> Result<TestQueue, Crashed> {
+    let q = queue_on(&disk.mounted());
     let mut args = q.args();
     if let Some(m) = method {
         args.extend(["-o".to_owned(), format!("queue_commit_method={m}")]);
     }
+    let scratch = disk.scratch();
     let mut rng = Rng::new();
     let load = Load::new();
-    let (mut server, addr) = start_server(tools, mode, &args, fs.scratch(), 0);
+    let (mut server, addr) = start_server(tools, mode, &args, &scratch, 0);
     load.set_addr(Some(addr));
     let started = Instant::now();
     let mut clients = Clients::start(&load, Some(&tools.source), &format!("{mode:?}"), &mut rng);
-    for cut in 1..=CUTS {
+    for cut in 1..=cuts {
         thread::sleep(Duration::from_millis(
             rng.range(CUT_EVERY_MS.0, CUT_EVERY_MS.1 + 1),
         ));
         load.set_addr(None);
-        power_cut(fs, &mut [&mut server])?;
-        let (s, addr) = start_server(tools, mode, &args, fs.scratch(), cut);
+        disk.power_cut(&mut [&mut server], true)?;
+        let (s, addr) = start_server(tools, mode, &args, &scratch, cut);
         server = s;
         load.set_addr(Some(addr));
     }
@@ -958,16 +1052,17 @@ fn power_cuts_once(
     // The last cut falls on the clients' last messages; then they are waited for.
     load.stop.store(true, Ordering::SeqCst);
     load.set_addr(None);
-    power_cut(fs, &mut [&mut server])?;
+    disk.power_cut(&mut [&mut server], false)?;
     clients.stop();
     let sent = load.sent.lock().unwrap().clone();
     let runs = load.runs.lock().unwrap().clone();
-    let v = check_queue(&fs.disk().join("queue"), &sent, &runs);
+    let durable = disk.durable().join("queue");
+    let v = check_queue(&durable, &sent, &runs);
     eprintln!(
         "{label}: {} power cuts in {:.1} s; {} qmqpc messages sent, {} acknowledged and \
          checked byte for byte; {} qmqp-source runs, {} acknowledged; {} files in new/ and \
          cur/ ({} committed without a K reaching the client); {} tmp/ leftovers",
-        fs.cuts(),
+        disk.cuts(),
         started.elapsed().as_secs_f64(),
         sent.len(),
         v.acked,
@@ -988,8 +1083,8 @@ fn power_cuts_once(
         "{label}: the load got no K at all:\n{}",
         q.log_text()
     );
-    assert_later_run_cleans_tmp(&q, fs, &v.tmp);
-    Ok(())
+    assert_later_run_cleans_tmp(&q, &durable, &v.tmp);
+    Ok(q)
 }
 
 #[test]
@@ -1014,6 +1109,69 @@ fn put_netstring(out: &mut Vec<u8>, payload: &[u8]) {
     out.push(b',');
 }
 
+/// Control message `i` of a negative control: its record (`K`'d as `CONTROL{i}`) and the
+/// queue file a writer in the test puts into new/ for it. Even ones are to be synced.
+fn control_file(i: usize) -> (Sent, Vec<u8>) {
+    let synced = i.is_multiple_of(2);
+    let s = Sent {
+        token: format!("control{i}-{}", if synced { "synced" } else { "unsynced" }),
+        big: false,
+        recipients: 2,
+        queue_id: Some(format!("CONTROL{i:02}")),
+    };
+    let id = s.queue_id.clone().expect("set above");
+    let mut message =
+        format!("Received: from c (c [127.0.0.1])\n\tby h (qmqpd) with QMQP id {id}; date\n")
+            .into_bytes();
+    message.extend_from_slice(&s.message());
+    let mut bytes = Vec::new();
+    put_netstring(
+        &mut bytes,
+        format!("qmqpd-queue 1\nqueue_id={id}\n").as_bytes(),
+    );
+    put_netstring(&mut bytes, &message);
+    put_netstring(&mut bytes, &s.sender());
+    for rcpt in s.recipients() {
+        put_netstring(&mut bytes, &rcpt);
+    }
+    (s, bytes)
+}
+
+/// Asserts that the check of a negative control's queue `disk_queue` (after its power
+/// cut) reports every control file written without its fsync, and only those.
+fn assert_check_catches_unsynced(label: &str, disk_queue: &Path, sent: &[Sent]) {
+    let v = check_queue(disk_queue, sent, &[]);
+    let unsynced = sent
+        .iter()
+        .filter(|s| s.token.ends_with("-unsynced"))
+        .count();
+    eprintln!(
+        "{label}: {unsynced} files committed without their fsync, {} with it; the check \
+         reports:\n{}",
+        sent.len() - unsynced,
+        v.problems.join("\n")
+    );
+    let lost: BTreeSet<&str> = sent
+        .iter()
+        .filter(|s| s.token.ends_with("-unsynced"))
+        .map(|s| s.queue_id.as_deref().expect("set above"))
+        .collect();
+    for id in &lost {
+        assert!(
+            v.problems.iter().any(|p| p.contains(&format!("new/{id}:"))),
+            "{label}: the check missed the lost control file {id}: {:?}",
+            v.problems
+        );
+    }
+    assert!(
+        v.problems.iter().all(|p| lost
+            .iter()
+            .any(|id| p.contains(&format!(" {id}")) || p.contains(&format!("/{id}:")))),
+        "{label}: only the unsynced files are lost: {:?}",
+        v.problems
+    );
+}
+
 /// The negative control: a writer that renames into new/ before its data is on the disk
 /// (it fsyncs the directory, not the file) loses every message it acknowledged, and the
 /// check says so for each; the same writer with the fdatasync loses none.
@@ -1028,31 +1186,11 @@ fn rename_before_fsync_loses_data_and_the_check_catches_it() {
     }
     let mut sent = Vec::new();
     for i in 0..20 {
-        let synced = i % 2 == 0;
-        let s = Sent {
-            token: format!("control{i}-{}", if synced { "synced" } else { "unsynced" }),
-            big: false,
-            recipients: 2,
-            queue_id: Some(format!("CONTROL{i:02}")),
-        };
-        let id = s.queue_id.clone().expect("set above");
-        let mut message =
-            format!("Received: from c (c [127.0.0.1])\n\tby h (qmqpd) with QMQP id {id}; date\n")
-                .into_bytes();
-        message.extend_from_slice(&s.message());
-        let mut bytes = Vec::new();
-        put_netstring(
-            &mut bytes,
-            format!("qmqpd-queue 1\nqueue_id={id}\n").as_bytes(),
-        );
-        put_netstring(&mut bytes, &message);
-        put_netstring(&mut bytes, &s.sender());
-        for rcpt in s.recipients() {
-            put_netstring(&mut bytes, &rcpt);
-        }
+        let (s, bytes) = control_file(i);
+        let id = s.queue_id.clone().expect("set by control_file");
         let tmp = queue.join("tmp").join(&id);
         std::fs::write(&tmp, &bytes).expect("cannot write a control file");
-        if synced {
+        if s.token.ends_with("-synced") {
             File::open(&tmp)
                 .and_then(|f| f.sync_data())
                 .expect("cannot fsync a control file");
@@ -1073,30 +1211,7 @@ fn rename_before_fsync_loses_data_and_the_check_catches_it() {
     if let Err(Crashed(why)) = fs.clear_cache() {
         panic!("the negative control has no verdict: {why}");
     }
-    let v = check_queue(&fs.disk().join("queue"), &sent, &[]);
-    eprintln!(
-        "negative control: 10 files renamed before fsync, 10 after; the check reports:\n{}",
-        v.problems.join("\n")
-    );
-    let lost: BTreeSet<&str> = sent
-        .iter()
-        .filter(|s| s.token.ends_with("-unsynced"))
-        .map(|s| s.queue_id.as_deref().expect("set above"))
-        .collect();
-    for id in &lost {
-        assert!(
-            v.problems.iter().any(|p| p.contains(&format!("new/{id}:"))),
-            "the check missed the lost control file {id}: {:?}",
-            v.problems
-        );
-    }
-    assert!(
-        v.problems.iter().all(|p| lost
-            .iter()
-            .any(|id| p.contains(&format!(" {id}")) || p.contains(&format!("/{id}:")))),
-        "only the unsynced files are lost: {:?}",
-        v.problems
-    );
+    assert_check_catches_unsynced("negative control (rename)", &fs.disk().join("queue"), &sent);
 }
 
 /// The queue IDs that the `--exec` command recorded as delivered (`ID.PID.delivered`).
@@ -1143,7 +1258,7 @@ fn power_cuts_during_deliver_neither_lose_nor_leave_delivered_messages_waiting()
 
 /// One run of `power_cuts_during_deliver_neither_lose_nor_leave_delivered_messages_waiting`.
 fn deliver_under_power_cuts(fs: &mut LazyFs, tools: &Tools) -> Result<(), Crashed> {
-    let q = queue_on(fs);
+    let q = queue_on(&fs.mnt());
     let args = q.args();
     let out_dir = fs.scratch().join("delivered");
     std::fs::create_dir(&out_dir).expect("cannot create the delivery directory");

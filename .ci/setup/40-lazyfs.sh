@@ -5,8 +5,12 @@
 # Debian's packages of exactly those versions instead (the tarball stays untouched).
 # Sourced by .ci/run with ROOT, TOOLS and `set -euo pipefail`; exports QMQPD_LAZYFS.
 # First run: about 2 minutes of compiling on 2 cores; a rerun: nothing to do.
+# The ext4-on-LazyFS runs (tests/powerloss/ext4.rs) also need losetup, mount and umount
+# (`mount`) and mkfs.ext4 and e2fsck (`e2fsprogs`): Debian's "required" packages, named
+# here for a base image that left them out.
 
-lazyfs_packages=(cmake g++ make pkg-config libfuse3-dev fuse3 libtoml11-dev libspdlog-dev)
+lazyfs_packages=(cmake g++ make pkg-config libfuse3-dev fuse3 libtoml11-dev libspdlog-dev
+    mount e2fsprogs)
 lazyfs_tarball=$ROOT/../shared/vendor/lazyfs-a47a5ba.tar.gz
 lazyfs_dir=$TOOLS/lazyfs
 lazyfs_bin=$lazyfs_dir/lazyfs-a47a5ba/lazyfs/build/lazyfs

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod haproxy;
+pub mod lazydisk;
 pub mod lazyfs;
 pub mod postfix;
 pub mod rng;
