@@ -168,8 +168,23 @@ impl QueueFile {
         if let Some(t) = mtime {
             self.wtr.get_ref().set_modified(t)?;
         }
+        match self.name() {
+            // The destination directory was removed (by hand, say): made again, durably,
+            // rather than failing every message.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && self.dest_dir_missing() => {
+                self.make_dest_dir()?;
+                self.name()?;
+            }
+            other => other?,
+        }
+        self.committed = true;
+        self.dest_sync.sync()
+    }
+
+    /// Gives the file its name at `dest`: rename or link.
+    fn name(&self) -> io::Result<()> {
         match &self.pending {
-            Pending::Named(tmp) => fs::rename(tmp, &self.dest)?,
+            Pending::Named(tmp) => fs::rename(tmp, &self.dest),
             Pending::Unnamed => {
                 let fd = format!("{PROC_FD}/{}", self.wtr.get_ref().as_raw_fd());
                 nix::unistd::linkat(
@@ -184,11 +199,27 @@ impl QueueFile {
                         io::Error::from(e).kind(),
                         format!("cannot link {}: {e}", self.dest.display()),
                     )
-                })?;
+                })
             }
         }
-        self.committed = true;
-        self.dest_sync.sync()
+    }
+
+    fn dest_dir_missing(&self) -> bool {
+        self.dest.parent().is_some_and(|dir| !dir.exists())
+    }
+
+    /// Creates the destination directory and makes its name durable in the queue
+    /// directory.
+    fn make_dest_dir(&self) -> io::Result<()> {
+        let Some(dir) = self.dest.parent() else {
+            return Ok(());
+        };
+        make_dir(dir)?;
+        log::warn!("{} was missing: created it", dir.display());
+        match dir.parent() {
+            Some(queue) => File::open(queue)?.sync_all(),
+            None => Ok(()),
+        }
     }
 
     /// The file's path in `tmp/`; `None` for an unnamed file.

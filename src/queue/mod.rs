@@ -466,6 +466,24 @@ mod tests {
     }
 
     #[test]
+    fn commit_makes_a_removed_new_directory_again() {
+        for method in [CommitMethod::Linkat, CommitMethod::Rename] {
+            let dir = tempfile::tempdir().unwrap();
+            let q = Queue::new(dir.path(), "h").with_commit_method(method);
+            q.create_dirs().unwrap();
+            fs::remove_dir(dir.path().join("new")).unwrap();
+            let mut f = q.create("ID").unwrap();
+            f.write_all(b"x").unwrap();
+            f.commit().unwrap();
+            assert_eq!(
+                fs::read(dir.path().join("new/ID.h")).unwrap(),
+                b"x",
+                "{method:?}"
+            );
+        }
+    }
+
+    #[test]
     fn create_in_replaces_a_leftover_and_commits_into_its_state() {
         let dir = tempfile::tempdir().unwrap();
         let q = Queue::new(dir.path(), "h");
