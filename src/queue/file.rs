@@ -247,8 +247,11 @@ impl Drop for QueueFile {
 }
 
 /// Group commit for `fsync` of a directory: every caller returns only after an `fsync` that
-/// began after its call, but callers that arrive while one runs share the next one, so a busy
-/// listener pays one directory sync per batch of messages instead of one per message.
+/// began after its call has succeeded. A caller for whom such an `fsync` is already under way
+/// waits for it; else it starts one, which covers everyone who asked so far, even while an
+/// earlier one is still running (at most `IN_FLIGHT` at once). So a busy listener pays one
+/// directory sync per batch of messages, and a message waits about one sync, not the end of
+/// an earlier one and then its own.
 #[derive(Debug)]
 pub(crate) struct DirSync {
     path: PathBuf,
@@ -256,17 +259,23 @@ pub(crate) struct DirSync {
     done: Condvar,
 }
 
+/// How many `fsync`s of one directory may run at once.
+const IN_FLIGHT: usize = 2;
+
 #[derive(Debug, Default)]
 pub(crate) struct SyncState {
     /// Callers so far, numbered from 1.
     pub(crate) requested: u64,
     /// Every caller up to this number is covered by a completed fsync.
     pub(crate) synced: u64,
-    pub(crate) running: bool,
-    /// Callers waiting for the running fsync to end.
+    /// Every caller up to this number is covered by an fsync started (running or done).
+    started: u64,
+    /// fsyncs running now.
+    pub(crate) running: usize,
+    /// Callers waiting for a running fsync to end.
     waiting: usize,
     /// The directory, opened once.
-    dir: Option<File>,
+    dir: Option<Arc<File>>,
 }
 
 impl DirSync {
@@ -291,35 +300,42 @@ impl DirSync {
             if st.synced >= me {
                 return Ok(());
             }
-            if st.running {
+            if st.started >= me || st.running >= IN_FLIGHT {
                 st.waiting += 1;
                 st = self.done.wait(st).unwrap_or_else(|e| e.into_inner());
                 st.waiting -= 1;
                 continue;
             }
             // Everyone who asked so far is covered by the fsync that starts now.
-            st.running = true;
             let upto = st.requested;
-            let dir = match st.dir.take() {
-                Some(dir) => Ok(dir),
-                None => File::open(&self.path),
+            st.started = upto;
+            st.running += 1;
+            let dir = match &st.dir {
+                Some(dir) => Ok(Arc::clone(dir)),
+                None => File::open(&self.path).map(Arc::new),
             };
             drop(st);
             let result = dir.and_then(|dir| dir.sync_all().map(|()| dir));
             st = self.lock();
-            st.running = false;
+            st.running -= 1;
+            let result = match result {
+                Ok(dir) => {
+                    st.dir.get_or_insert(dir);
+                    st.synced = st.synced.max(upto);
+                    Ok(())
+                }
+                // Those who counted on this fsync start their own (or wait for another
+                // that covers them).
+                Err(e) => {
+                    st.started = st.synced;
+                    Err(e)
+                }
+            };
             // A wake-up is a system call: none when nobody waits (a one-shot never does).
             if st.waiting > 0 {
                 self.done.notify_all();
             }
-            match result {
-                Ok(dir) => {
-                    st.dir = Some(dir);
-                    st.synced = st.synced.max(upto);
-                }
-                // The others retry with an fsync of their own.
-                Err(e) => return Err(e),
-            }
+            return result;
         }
     }
 }

@@ -424,7 +424,7 @@ mod tests {
             st.synced, 320,
             "every commit is covered by a directory sync"
         );
-        assert!(!st.running);
+        assert_eq!(st.running, 0);
     }
 
     /// The mode and group of a file made by `create` (by `method`) and by `create_in`, in a
