@@ -557,16 +557,22 @@ mod tests {
         );
     }
 
-    #[test]
-    fn host_files_follow_nsswitch_and_read_hosts() {
-        let dir = tempfile::tempdir().unwrap();
+    /// Files in `dir` that name hosts from `HOSTS` only.
+    fn files_in(dir: &Path) -> HostFiles {
         let files = HostFiles {
-            nsswitch: dir.path().join("nsswitch.conf"),
-            hosts: dir.path().join("hosts"),
-            resolv: dir.path().join("resolv.conf"),
+            nsswitch: dir.join("nsswitch.conf"),
+            hosts: dir.join("hosts"),
+            resolv: dir.join("resolv.conf"),
         };
         std::fs::write(&files.nsswitch, "hosts: files\n").unwrap();
         std::fs::write(&files.hosts, HOSTS).unwrap();
+        files
+    }
+
+    #[test]
+    fn host_files_follow_nsswitch_and_read_hosts() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = files_in(dir.path());
         let deadline = Instant::now() + Duration::from_secs(30);
         let addr: IpAddr = "192.0.2.1".parse().unwrap();
         assert_eq!(
@@ -588,13 +594,7 @@ mod tests {
     #[test]
     fn a_snapshot_reads_each_file_once() {
         let dir = tempfile::tempdir().unwrap();
-        let files = HostFiles {
-            nsswitch: dir.path().join("nsswitch.conf"),
-            hosts: dir.path().join("hosts"),
-            resolv: dir.path().join("resolv.conf"),
-        };
-        std::fs::write(&files.nsswitch, "hosts: files\n").unwrap();
-        std::fs::write(&files.hosts, HOSTS).unwrap();
+        let files = files_in(dir.path());
         let deadline = Instant::now() + Duration::from_secs(30);
         let addr: IpAddr = "192.0.2.1".parse().unwrap();
         let snapshot = files.snapshot();

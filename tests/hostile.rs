@@ -7,8 +7,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
-use std::os::fd::OwnedFd;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::process::Output;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,30 +43,7 @@ impl Listener {
 
     /// A connection from `from` (a loopback address), with the tests' safety timeouts.
     fn connect_from(&self, from: Ipv4Addr) -> TcpStream {
-        use nix::sys::socket::{
-            AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket,
-        };
-        use std::os::fd::AsRawFd;
-        let SocketAddr::V4(to) = self.addr else {
-            panic!("an IPv4 listener");
-        };
-        let fd: OwnedFd = socket(
-            AddressFamily::Inet,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .unwrap();
-        bind(
-            fd.as_raw_fd(),
-            &SockaddrIn::from(SocketAddrV4::new(from, 0)),
-        )
-        .unwrap();
-        connect(fd.as_raw_fd(), &SockaddrIn::from(to)).unwrap();
-        let stream = TcpStream::from(fd);
-        stream.set_read_timeout(Some(LIMIT)).unwrap();
-        stream.set_write_timeout(Some(LIMIT)).unwrap();
-        stream
+        common::connect_from(from, self.addr)
     }
 
     fn connect(&self) -> TcpStream {

@@ -243,28 +243,6 @@ fn listener_ignores_launcher_variables() {
     );
 }
 
-/// A connection to `addr` from the loopback address `from`.
-fn connect_from(from: Ipv4Addr, addr: SocketAddr) -> TcpStream {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket};
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
-    bind(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &SockaddrIn::from(std::net::SocketAddrV4::new(from, 0)),
-    )
-    .unwrap();
-    let SocketAddr::V4(to) = addr else {
-        panic!("{addr} is not IPv4")
-    };
-    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrIn::from(to)).unwrap();
-    TcpStream::from(fd)
-}
-
 #[test]
 fn a_listener_thread_drops_a_debug_peers_verbosity_before_its_next_connection() {
     let q = TestQueue::new();
@@ -279,8 +257,7 @@ fn a_listener_thread_drops_a_debug_peers_verbosity_before_its_next_connection() 
         ],
     );
     for from in [Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::LOCALHOST] {
-        let mut s = connect_from(from, server.addr);
-        s.set_read_timeout(Some(LIMIT)).unwrap();
+        let mut s = common::connect_from(from, server.addr);
         let reply = client::send(&mut s, &mut &b"x\n"[..], 2, b"s@x", &[b"r@x"]).unwrap();
         assert_eq!(reply.status, Status::Ok, "{reply:?}");
         // Long enough for the thread to be waiting for the next connection.

@@ -439,6 +439,34 @@ pub fn connect(addr: SocketAddr) -> TcpStream {
     stream
 }
 
+/// A connection to the IPv4 `addr` from the loopback address `from`, with the tests'
+/// safety timeouts.
+pub fn connect_from(from: std::net::Ipv4Addr, addr: SocketAddr) -> TcpStream {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, SockaddrIn, bind, connect, socket};
+    use std::os::fd::AsRawFd;
+    let SocketAddr::V4(to) = addr else {
+        panic!("{addr} is not an IPv4 address");
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrIn::from(std::net::SocketAddrV4::new(from, 0)),
+    )
+    .unwrap_or_else(|e| panic!("cannot bind {from}: {e}"));
+    connect(fd.as_raw_fd(), &SockaddrIn::from(to))
+        .unwrap_or_else(|e| panic!("cannot connect to {addr} from {from}: {e}"));
+    let stream = TcpStream::from(fd);
+    stream.set_read_timeout(Some(IO_LIMIT)).expect("timeout");
+    stream.set_write_timeout(Some(IO_LIMIT)).expect("timeout");
+    stream
+}
+
 /// Every byte the server sends until it closes (an error ends the reading too).
 pub fn read_all(stream: &mut TcpStream) -> Vec<u8> {
     let mut reply = Vec::new();
