@@ -272,7 +272,11 @@ impl Timed<'_> {
         }
         match op() {
             Ok(n) => Ok(Some(n)),
-            Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => Ok(None),
+            // ENOTSOCK: stdin is a socket but this side (stdout) is not; it is written the
+            // plain way.
+            Err(
+                nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR | nix::errno::Errno::ENOTSOCK,
+            ) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
