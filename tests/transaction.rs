@@ -717,3 +717,19 @@ fn stdin_never_reads_past_the_outer_comma() {
     assert!(reply(&out).starts_with("KOk"), "{}", describe(&out));
     assert_eq!(std::fs::read(&rest).unwrap(), b"TRAILING BYTES");
 }
+
+#[test]
+fn a_socket_on_stdin_with_a_pipe_on_stdout_gets_its_reply_on_the_pipe() {
+    // A socket is written with send(2) first; stdout that is not one is written the plain way.
+    let q = TestQueue::new();
+    let (client, server_side) = std::os::unix::net::UnixStream::pair().unwrap();
+    (&client)
+        .write_all(&request(b"x\n", b"s@x", &[b"r@x"]))
+        .unwrap();
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    let stdin = Stdio::from(std::os::fd::OwnedFd::from(server_side));
+    let out = common::run_bounded_from(&mut common::stdin_qmqpd(&q, &[]), stdin, LIMIT);
+    assert!(reply(&out).starts_with("KOk"), "{}", describe(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert_eq!(q.files("new").len(), 1);
+}
