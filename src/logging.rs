@@ -390,6 +390,10 @@ fn same_open_file(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> bool {
 /// plus U+2028/U+2029, which some viewers show as line breaks. The result is capped at
 /// `LINE_LIMIT` bytes, never cutting a character or an escape in two.
 pub(crate) fn sanitize(s: &[u8]) -> String {
+    // Most lines are printable ASCII and short: copied as they are.
+    if s.len() <= LINE_LIMIT && s.iter().all(|b| (b' '..=b'~').contains(b)) {
+        return String::from_utf8_lossy(s).into_owned();
+    }
     let mut out = String::with_capacity(s.len().min(LINE_LIMIT));
     for chunk in s.utf8_chunks() {
         for c in chunk.valid().chars() {
