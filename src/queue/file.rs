@@ -170,8 +170,9 @@ impl QueueFile {
         }
         match self.name() {
             // The destination directory was removed (by hand, say): made again, durably,
-            // rather than failing every message.
-            Err(e) if e.kind() == io::ErrorKind::NotFound && self.dest_dir_missing() => {
+            // rather than failing every message. (Another commit may have made it again
+            // meanwhile; then this only syncs and retries.)
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 self.make_dest_dir()?;
                 self.name()?;
             }
@@ -204,18 +205,16 @@ impl QueueFile {
         }
     }
 
-    fn dest_dir_missing(&self) -> bool {
-        self.dest.parent().is_some_and(|dir| !dir.exists())
-    }
-
-    /// Creates the destination directory and makes its name durable in the queue
-    /// directory.
+    /// Creates the destination directory when it is missing and makes its name durable in
+    /// the queue directory.
     fn make_dest_dir(&self) -> io::Result<()> {
         let Some(dir) = self.dest.parent() else {
             return Ok(());
         };
-        make_dir(dir)?;
-        log::warn!("{} was missing: created it", dir.display());
+        if !dir.exists() {
+            make_dir(dir)?;
+            log::warn!("{} was missing: created it", dir.display());
+        }
         match dir.parent() {
             Some(queue) => File::open(queue)?.sync_all(),
             None => Ok(()),
@@ -274,8 +273,6 @@ pub(crate) struct SyncState {
     pub(crate) running: usize,
     /// Callers waiting for a running fsync to end.
     waiting: usize,
-    /// The directory, opened once.
-    dir: Option<Arc<File>>,
 }
 
 impl DirSync {
@@ -310,17 +307,14 @@ impl DirSync {
             let upto = st.requested;
             st.started = upto;
             st.running += 1;
-            let dir = match &st.dir {
-                Some(dir) => Ok(Arc::clone(dir)),
-                None => File::open(&self.path).map(Arc::new),
-            };
             drop(st);
-            let result = dir.and_then(|dir| dir.sync_all().map(|()| dir));
+            // Opened for each fsync, never kept: a directory removed and made again (see
+            // `commit_at`) must be the one synced.
+            let result = File::open(&self.path).and_then(|dir| dir.sync_all());
             st = self.lock();
             st.running -= 1;
             let result = match result {
-                Ok(dir) => {
-                    st.dir.get_or_insert(dir);
+                Ok(()) => {
                     st.synced = st.synced.max(upto);
                     Ok(())
                 }

@@ -470,16 +470,27 @@ mod tests {
         for method in [CommitMethod::Linkat, CommitMethod::Rename] {
             let dir = tempfile::tempdir().unwrap();
             let q = Queue::new(dir.path(), "h").with_commit_method(method);
-            q.create_dirs().unwrap();
-            fs::remove_dir(dir.path().join("new")).unwrap();
-            let mut f = q.create("ID").unwrap();
-            f.write_all(b"x").unwrap();
-            f.commit().unwrap();
-            assert_eq!(
-                fs::read(dir.path().join("new/ID.h")).unwrap(),
-                b"x",
-                "{method:?}"
-            );
+            let commit = |q: &Queue, id: &str| {
+                let mut f = q.create(id)?;
+                f.write_all(id.as_bytes())?;
+                f.commit()
+            };
+            commit(&q, "FIRST").unwrap();
+            fs::remove_dir_all(dir.path().join("new")).unwrap();
+            // Several commits find it missing at once: each one succeeds.
+            let threads: Vec<_> = (0..8)
+                .map(|i| {
+                    let q = q.clone();
+                    std::thread::spawn(move || commit(&q, &format!("T{i}")))
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap().unwrap();
+            }
+            for i in 0..8 {
+                let text = fs::read(dir.path().join(format!("new/T{i}.h"))).unwrap();
+                assert_eq!(text, format!("T{i}").as_bytes(), "{method:?}");
+            }
         }
     }
 

@@ -143,8 +143,7 @@ impl Workers {
                 let mut next = first;
                 while let Some(Job { conn, slot }) = next {
                     serve_connection(&svc, conn);
-                    drop(slot);
-                    next = workers.next_job();
+                    next = workers.next_job(slot);
                 }
             });
         spawned.map(drop).inspect_err(|_| {
@@ -155,10 +154,14 @@ impl Workers {
         })
     }
 
-    /// Waits up to `WORKER_IDLE` for the next job; `None` tells the thread to exit.
-    fn next_job(&self) -> Option<Job> {
+    /// Gives back the slot of the connection just served and waits up to `WORKER_IDLE` for
+    /// the next job; `None` tells the thread to exit. The thread counts as waiting before
+    /// its slot is free, so the accept loop, woken by the free slot, hands the next
+    /// connection to it instead of starting another thread.
+    fn next_job(&self, done: Slot) -> Option<Job> {
         let mut waiting = self.lock();
         waiting.idle += 1;
+        drop(done);
         let (mut waiting, _) = self
             .work
             .wait_timeout_while(waiting, WORKER_IDLE, |w| w.jobs.is_empty())
