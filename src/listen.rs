@@ -107,8 +107,9 @@ pub fn is_listening(fd: BorrowedFd<'_>) -> io::Result<bool> {
 /// Where this process's connections come from, decided once at start-up.
 #[derive(Debug)]
 pub enum Incoming {
-    /// One connection on stdin/stdout (inetd `nowait`, xinetd, tcpserver, pipes).
-    Stdio,
+    /// One connection on stdin/stdout (inetd `nowait`, xinetd, tcpserver, pipes); `socket`
+    /// when stdin is a (connected) socket.
+    Stdio { socket: bool },
     /// One connected socket passed by systemd (Accept=yes without StandardInput=socket).
     Passed(OwnedFd),
     /// Listening sockets passed by systemd (Accept=no), or on stdin (inetd `wait`).
@@ -130,7 +131,7 @@ impl Incoming {
         match self {
             Incoming::Listen(listeners) => Some(Ok(listeners)),
             Incoming::Addresses(addrs) => Some(bind_all(&addrs)),
-            Incoming::Stdio | Incoming::Passed(_) => None,
+            Incoming::Stdio { .. } | Incoming::Passed(_) => None,
         }
     }
 }
@@ -144,7 +145,12 @@ pub fn classify(listen: Vec<String>, passed: Vec<Passed>) -> Result<Incoming, St
         return Ok(Incoming::Addresses(listen));
     }
     if passed.is_empty() {
-        return stdin_listener().map(|l| l.map_or(Incoming::Stdio, |l| Incoming::Listen(vec![l])));
+        // Not a socket at all when the question fails (ENOTSOCK).
+        return match is_listening(io::stdin().as_fd()) {
+            Ok(true) => stdin_listener().map(|l| Incoming::Listen(vec![l])),
+            Ok(false) => Ok(Incoming::Stdio { socket: true }),
+            Err(_) => Ok(Incoming::Stdio { socket: false }),
+        };
     }
     let mut listeners = Vec::new();
     let mut connected = Vec::new();
@@ -171,23 +177,19 @@ pub fn classify(listen: Vec<String>, passed: Vec<Passed>) -> Result<Incoming, St
     }
 }
 
-/// Stdin as a listener when it is a listening socket (inetd `wait` mode).
-fn stdin_listener() -> Result<Option<Listener>, String> {
-    let stdin = io::stdin();
-    if !matches!(is_listening(stdin.as_fd()), Ok(true)) {
-        return Ok(None);
-    }
-    let fd = stdin
+/// Stdin, a listening socket, as a listener (inetd `wait` mode).
+fn stdin_listener() -> Result<Listener, String> {
+    let fd = io::stdin()
         .as_fd()
         .try_clone_to_owned()
         .map_err(|e| format!("cannot use stdin: {e}"))?;
     let unix = nix::sys::socket::getsockname::<nix::sys::socket::SockaddrStorage>(fd.as_raw_fd())
         .is_ok_and(|a| a.family() == Some(nix::sys::socket::AddressFamily::Unix));
-    Ok(Some(if unix {
+    Ok(if unix {
         Listener::Unix(UnixListener::from(fd))
     } else {
         Listener::Tcp(TcpListener::from(fd))
-    }))
+    })
 }
 
 /// Binds every `--listen` address.

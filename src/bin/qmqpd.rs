@@ -341,7 +341,7 @@ enum Waiting {
 /// listener modes, or when the source could not be decided.
 fn waiting_client(incoming: &Result<Incoming, String>) -> Waiting {
     let conn = match incoming {
-        Ok(Incoming::Stdio) => Connection::stdio(),
+        Ok(Incoming::Stdio { socket }) => Connection::stdio(*socket),
         Ok(Incoming::Passed(fd)) => fd.try_clone().and_then(Connection::socket),
         Ok(Incoming::Listen(_) | Incoming::Addresses(_)) | Err(_) => return Waiting::Nobody,
     };

@@ -8,7 +8,6 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::FileTypeExt;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -135,12 +134,11 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// The connection on stdin/stdout (inetd, xinetd, tcpserver, pipes).
-    pub fn stdio() -> io::Result<Connection> {
-        let rd = File::from(io::stdin().as_fd().try_clone_to_owned()?);
-        let socket = rd.metadata()?.file_type().is_socket();
+    /// The connection on stdin/stdout (inetd, xinetd, tcpserver, pipes); `socket` when
+    /// stdin is a socket (as `listen::classify` found).
+    pub fn stdio(socket: bool) -> io::Result<Connection> {
         Ok(Connection {
-            rd,
+            rd: File::from(io::stdin().as_fd().try_clone_to_owned()?),
             wr: Some(File::from(io::stdout().as_fd().try_clone_to_owned()?)),
             socket,
         })
