@@ -549,18 +549,23 @@ fn sigkill_during_transfer_with_linkat_leaves_nothing_anywhere() {
     }
 }
 
+/// Sends `count` small numbered messages through `server`; their queue IDs.
+fn send_numbered(server: &Listener, count: usize) -> Vec<String> {
+    (0..count)
+        .map(|i| {
+            let msg = format!("Subject: {i}\n\nbody {i}\n");
+            queue_id(&server.send(&request(msg.as_bytes(), b"s@x", &[b"r@x"])))
+        })
+        .collect()
+}
+
 #[test]
 fn sigkill_of_linkat_listener_keeps_every_k_and_leaves_nothing_else() {
     const DONE: usize = 4;
     const OPEN: usize = 5;
     let q = TestQueue::new();
     let server = Listener::start(&q, &["-o", "queue_commit_method=linkat"]);
-    let mut accepted = Vec::new();
-    for i in 0..DONE {
-        let msg = format!("Subject: {i}\n\nbody {i}\n");
-        let reply = server.send(&request(msg.as_bytes(), b"s@x", &[b"r@x"]));
-        accepted.push(queue_id(&reply));
-    }
+    let mut accepted = send_numbered(&server, DONE);
     let req = request(&vec![b'y'; 256 * 1024], b"s@x", &[b"r@x"]);
     let mut open = Vec::new();
     for _ in 0..OPEN {
@@ -594,12 +599,7 @@ fn sigkill_of_listener_keeps_every_k_and_nothing_partial() {
     const OPEN: usize = 10;
     let q = TestQueue::new();
     let server = Listener::start(&q, RENAME);
-    let mut accepted = Vec::new();
-    for i in 0..DONE {
-        let msg = format!("Subject: {i}\n\nbody {i}\n");
-        let reply = server.send(&request(msg.as_bytes(), b"s@x", &[b"r@x"]));
-        accepted.push(queue_id(&reply));
-    }
+    let mut accepted = send_numbered(&server, DONE);
     // Transfers in flight: each connection has sent part of a 256 KiB request.
     let req = request(&vec![b'y'; 256 * 1024], b"s@x", &[b"r@x"]);
     let mut rng = Rng::new();
