@@ -733,3 +733,68 @@ fn a_socket_on_stdin_with_a_pipe_on_stdout_gets_its_reply_on_the_pipe() {
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     assert_eq!(q.files("new").len(), 1);
 }
+
+#[test]
+fn a_reply_to_a_client_gone_from_a_pipe_ends_the_process_normally_not_by_sigpipe() {
+    // Started with SIGPIPE at its default (as Command leaves it), qmqpd ignores it itself:
+    // writing the reply into a pipe nobody reads is a lost client, and the message it had
+    // already committed stays queued.
+    let q = TestQueue::new();
+    let (reply_rd, reply_wr) = nix::unistd::pipe().unwrap();
+    drop(reply_rd);
+    let mut child = common::stdin_qmqpd(&q, &[])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::from(reply_wr))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input
+        .write_all(&request(b"x\n", b"s@x", &[b"r@x"]))
+        .unwrap();
+    drop(input);
+    let status = common::wait_bounded(&mut child, LIMIT).expect("qmqpd exits");
+    assert_eq!(status.code(), Some(0), "ended by {status:?}");
+    assert_eq!(q.files("new").len(), 1);
+    let log = q.log_text();
+    assert!(log.contains("lost connection"), "{log}");
+}
+
+#[test]
+fn a_closed_stderr_is_opened_on_dev_null_before_anything_else_can_take_its_number() {
+    // With descriptor 2 closed by the launcher, the first file qmqpd opened (its log file)
+    // would become "standard error"; qmqpd opens /dev/null there first.
+    let q = TestQueue::new();
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(r#"exec "$0" "$@" 2>&-"#)
+        .arg(common::qmqpd_bin())
+        .args(q.args())
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("MAIL_CONFIG")
+        .env("PROTO", "TCP")
+        .env("TCPREMOTEIP", "127.0.0.1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let fd2 = format!("/proc/{}/fd/2", child.id());
+    // qmqpd has started when it has written its first log line (it then waits for input).
+    common::wait_until("the connect line", || q.log_text().contains("connect from"));
+    let target = std::fs::read_link(&fd2);
+    let mut input = child.stdin.take().unwrap();
+    input
+        .write_all(&request(b"x\n", b"s@x", &[b"r@x"]))
+        .unwrap();
+    drop(input);
+    let status = common::wait_bounded(&mut child, LIMIT).expect("qmqpd exits");
+    assert_eq!(
+        target.ok(),
+        Some(std::path::PathBuf::from("/dev/null")),
+        "{fd2}"
+    );
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(q.files("new").len(), 1);
+}

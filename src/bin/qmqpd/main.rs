@@ -1,7 +1,11 @@
 //! The qmqpd process: arguments -> configuration -> logging -> privileges -> connection(s)
 //! -> exit status. Nothing but the protocol reply is ever written to the client; nothing is
 //! printed to stderr unless stderr is known not to be the client connection.
-#![forbid(unsafe_code)]
+//!
+//! The process starts in `entry`, which stands in for Rust's own start-up (see there why):
+//! the one module of this program with `unsafe` in it.
+#![deny(unsafe_code)]
+#![cfg_attr(not(test), no_main)]
 #![cfg_attr(
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
@@ -11,7 +15,6 @@ use std::ffi::OsString;
 use std::io::{self, IsTerminal, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -32,9 +35,7 @@ use qmqpd::session::Outcome;
 const USAGE: &str =
     "usage: qmqpd [-c config_dir] [-o name=value]... [-v]... [--listen addr:port]... | -n | -d";
 
-fn main() -> ExitCode {
-    ExitCode::from(run())
-}
+mod entry;
 
 /// What the command line asks for.
 #[derive(Debug, Default, PartialEq, Eq)]
