@@ -166,11 +166,14 @@ impl Snapshot<'_> {
     }
 }
 
-/// Reads a small configuration file, bounded in size, in one read when its size is known.
+/// How much of a configuration file the first read asks for: these files are small, so one
+/// read and the one that finds the end are the usual cost (no `fstat` for the size first).
+const FIRST_READ: usize = 4096;
+
+/// Reads a small configuration file, bounded in size.
 fn read_text(path: &Path) -> io::Result<String> {
     let file = std::fs::File::open(path)?;
-    let size = file.metadata().map_or(0, |m| m.len()).min(MAX_FILE);
-    let mut text = String::with_capacity(usize::try_from(size).unwrap_or(0).saturating_add(1));
+    let mut text = String::with_capacity(FIRST_READ);
     file.take(MAX_FILE).read_to_string(&mut text)?;
     Ok(text)
 }
