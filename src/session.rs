@@ -25,6 +25,8 @@ const DRAIN_FACTOR: u64 = 4;
 /// The drain bound when `message_size_limit` is 0 (no limit): four times the default limit.
 const DRAIN_FALLBACK: u64 = 4 * 10_240_000;
 /// Read buffer size for the request body: large enough that a big message costs few reads.
+/// A smaller request gets a buffer of its own size (a one-shot qmqpd then allocates, and
+/// the C library trims, no memory it does not use).
 const READ_BUFFER: usize = 64 * 1024;
 
 /// Everything one transaction needs besides the connection.
@@ -259,8 +261,9 @@ impl<'a> Session<'a> {
         // The rest of the request is exactly `len` bytes and the outer `,`, some of them
         // read already.
         let unread = len.saturating_add(1).saturating_sub(ahead.len() as u64);
+        let capacity = usize::try_from(unread).map_or(READ_BUFFER, |n| n.clamp(1, READ_BUFFER));
         let mut body =
-            BufReader::with_capacity(READ_BUFFER, io::Cursor::new(ahead).chain(rdr.take(unread)));
+            BufReader::with_capacity(capacity, io::Cursor::new(ahead).chain(rdr.take(unread)));
         self.receive_message(&mut body)?;
         give_up(self)?;
         self.receive_sender(&mut body)?;
