@@ -734,6 +734,28 @@ fn a_socket_on_stdin_with_a_pipe_on_stdout_gets_its_reply_on_the_pipe() {
     assert_eq!(q.files("new").len(), 1);
 }
 
+/// A qmqpd started by a test, killed should the test end before it exits.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Running {
+    /// Writes one request on qmqpd's stdin, closes it, and waits for qmqpd to exit.
+    fn send_and_wait(&mut self) -> std::process::ExitStatus {
+        let mut input = self.0.stdin.take().expect("stdin is piped");
+        input
+            .write_all(&request(b"x\n", b"s@x", &[b"r@x"]))
+            .expect("cannot write the request");
+        drop(input);
+        common::wait_bounded(&mut self.0, LIMIT).expect("qmqpd exits")
+    }
+}
+
 #[test]
 fn a_reply_to_a_client_gone_from_a_pipe_ends_the_process_normally_not_by_sigpipe() {
     // Started with SIGPIPE at its default (as Command leaves it), qmqpd ignores it itself:
@@ -742,18 +764,15 @@ fn a_reply_to_a_client_gone_from_a_pipe_ends_the_process_normally_not_by_sigpipe
     let q = TestQueue::new();
     let (reply_rd, reply_wr) = nix::unistd::pipe().unwrap();
     drop(reply_rd);
-    let mut child = common::stdin_qmqpd(&q, &[])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::from(reply_wr))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut input = child.stdin.take().unwrap();
-    input
-        .write_all(&request(b"x\n", b"s@x", &[b"r@x"]))
-        .unwrap();
-    drop(input);
-    let status = common::wait_bounded(&mut child, LIMIT).expect("qmqpd exits");
+    let mut qmqpd = Running(
+        common::stdin_qmqpd(&q, &[])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::from(reply_wr))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let status = qmqpd.send_and_wait();
     assert_eq!(status.code(), Some(0), "ended by {status:?}");
     assert_eq!(q.files("new").len(), 1);
     let log = q.log_text();
@@ -765,31 +784,28 @@ fn a_closed_stderr_is_opened_on_dev_null_before_anything_else_can_take_its_numbe
     // With descriptor 2 closed by the launcher, the first file qmqpd opened (its log file)
     // would become "standard error"; qmqpd opens /dev/null there first.
     let q = TestQueue::new();
-    let mut child = Command::new("sh")
-        .arg("-c")
-        .arg(r#"exec "$0" "$@" 2>&-"#)
-        .arg(common::qmqpd_bin())
-        .args(q.args())
-        .env_remove("LISTEN_FDS")
-        .env_remove("LISTEN_PID")
-        .env_remove("MAIL_CONFIG")
-        .env("PROTO", "TCP")
-        .env("TCPREMOTEIP", "127.0.0.1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let fd2 = format!("/proc/{}/fd/2", child.id());
+    let mut qmqpd = Running(
+        Command::new("sh")
+            .arg("-c")
+            .arg(r#"exec "$0" "$@" 2>&-"#)
+            .arg(common::qmqpd_bin())
+            .args(q.args())
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .env_remove("MAIL_CONFIG")
+            .env("PROTO", "TCP")
+            .env("TCPREMOTEIP", "127.0.0.1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let fd2 = format!("/proc/{}/fd/2", qmqpd.0.id());
     // qmqpd has started when it has written its first log line (it then waits for input).
     common::wait_until("the connect line", || q.log_text().contains("connect from"));
     let target = std::fs::read_link(&fd2);
-    let mut input = child.stdin.take().unwrap();
-    input
-        .write_all(&request(b"x\n", b"s@x", &[b"r@x"]))
-        .unwrap();
-    drop(input);
-    let status = common::wait_bounded(&mut child, LIMIT).expect("qmqpd exits");
+    let status = qmqpd.send_and_wait();
     assert_eq!(
         target.ok(),
         Some(std::path::PathBuf::from("/dev/null")),

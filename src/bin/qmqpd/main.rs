@@ -5,7 +5,7 @@
 //! The process starts in `entry`, which stands in for Rust's own start-up (see there why):
 //! the one module of this program with `unsafe` in it.
 #![deny(unsafe_code)]
-#![cfg_attr(not(test), no_main)]
+#![no_main]
 #![cfg_attr(
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
