@@ -314,6 +314,25 @@ fn raise(base: LevelFilter, steps: u32) -> LevelFilter {
 
 /// A panic hook that logs the panic (message + location) through `log` at error level instead
 /// of printing to stderr.
+/// The process's main thread, where Rust's start-up did not run to name it "main"
+/// (qmqpd's own entry point).
+static MAIN_THREAD: std::sync::OnceLock<std::thread::ThreadId> = std::sync::OnceLock::new();
+
+/// Records the calling thread as the main one, for the panic hook's `panic in thread main`.
+pub fn note_main_thread() {
+    let _ = MAIN_THREAD.set(std::thread::current().id());
+}
+
+/// The calling thread's name for a log line: its own, "main", or "unnamed".
+fn current_thread_name() -> String {
+    let thread = std::thread::current();
+    match thread.name() {
+        Some(name) => name.to_string(),
+        None if MAIN_THREAD.get() == Some(&thread.id()) => "main".to_string(),
+        None => "unnamed".to_string(),
+    }
+}
+
 pub fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
         let payload = info.payload();
@@ -322,8 +341,7 @@ pub fn install_panic_hook() {
             .copied()
             .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
             .unwrap_or("(non-text panic payload)");
-        let thread = std::thread::current();
-        let name = thread.name().unwrap_or("unnamed");
+        let name = current_thread_name();
         match info.location() {
             Some(at) => log::error!(
                 "panic in thread {name} at {}:{}:{}: {message}",
@@ -766,5 +784,24 @@ mod tests {
             stderr_is_connection(Some(pipe_read.as_fd())),
             stderr_is_connection(None)
         );
+    }
+
+    #[test]
+    fn current_thread_name_is_main_for_the_noted_thread_and_unnamed_elsewhere() {
+        std::thread::spawn(|| {
+            note_main_thread();
+            assert_eq!(current_thread_name(), "main");
+            let other = std::thread::spawn(current_thread_name).join().unwrap();
+            assert_eq!(other, "unnamed");
+        })
+        .join()
+        .unwrap();
+        let named = std::thread::Builder::new()
+            .name("connection".into())
+            .spawn(current_thread_name)
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(named, "connection");
     }
 }

@@ -762,7 +762,8 @@ fn a_reply_to_a_client_gone_from_a_pipe_ends_the_process_normally_not_by_sigpipe
     // writing the reply into a pipe nobody reads is a lost client, and the message it had
     // already committed stays queued.
     let q = TestQueue::new();
-    let (reply_rd, reply_wr) = nix::unistd::pipe().unwrap();
+    // (close-on-exec, so no child that another test starts meanwhile keeps a read end)
+    let (reply_rd, reply_wr) = std::io::pipe().unwrap();
     drop(reply_rd);
     let mut qmqpd = Running(
         common::stdin_qmqpd(&q, &[])

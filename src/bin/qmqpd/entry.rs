@@ -15,8 +15,10 @@
 //!   that no queue file or socket can become "standard error" by being the lowest free
 //!   descriptor.
 //!
-//! The arguments and the environment are read through `std::env` as usual: on glibc the
-//! standard library picks them up on its own before any `main` runs.
+//! The arguments and the environment are read through `std::env` as usual: on Linux with
+//! glibc the standard library picks them up on its own (from `.init_array`) before any
+//! `main` runs, which is why this module is used on that platform only. The main thread is
+//! named to the panic hook here, as Rust's start-up would have named it.
 #![allow(unsafe_code)]
 
 use std::ffi::{c_char, c_int};
@@ -29,6 +31,7 @@ use nix::libc;
 use nix::sys::signal::{SigHandler, Signal, signal};
 use nix::sys::stat::Mode;
 
+use qmqpd::logging;
 use qmqpd::program::EX_TEMPFAIL;
 
 /// The exit status of a panic that reached `main`, as Rust's own start-up would give.
@@ -42,6 +45,7 @@ extern "C" fn main(_argc: c_int, _argv: *const *const c_char) -> c_int {
     if prepare_process().is_err() {
         return c_int::from(EX_TEMPFAIL);
     }
+    logging::note_main_thread();
     // A panic must not unwind into the C library's caller (that would abort); the panic hook
     // has logged it by the time it arrives here.
     let status = panic::catch_unwind(AssertUnwindSafe(super::run));
@@ -63,6 +67,8 @@ fn prepare_process() -> nix::Result<()> {
     // SAFETY: `fds` is a live array of three `pollfd`s, the length passed; a zero timeout
     // only asks, for each descriptor, whether it is open (POLLNVAL when it is not).
     let ready = unsafe { libc::poll(fds.as_mut_ptr(), 3, 0) };
+    // (Rust's start-up would fall back to `fcntl` on each descriptor, then abort; a
+    // `poll` of three descriptors with no wait does not fail on a working system.)
     if ready < 0 {
         return Err(nix::Error::last());
     }

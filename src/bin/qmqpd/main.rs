@@ -2,14 +2,12 @@
 //! -> exit status. Nothing but the protocol reply is ever written to the client; nothing is
 //! printed to stderr unless stderr is known not to be the client connection.
 //!
-//! The process starts in `entry`, which stands in for Rust's own start-up (see there why):
-//! the one module of this program with `unsafe` in it.
+//! On Linux with glibc the process starts in `entry`, which stands in for Rust's own
+//! start-up (see there why): the one module of this program with `unsafe` in it. Elsewhere
+//! `main` below is the usual Rust entry point.
 #![deny(unsafe_code)]
-#![no_main]
-#![cfg_attr(
-    not(test),
-    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
-)]
+#![cfg_attr(all(target_os = "linux", target_env = "gnu"), no_main)]
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::ffi::OsString;
 use std::io::{self, IsTerminal, Write};
@@ -35,7 +33,15 @@ use qmqpd::session::Outcome;
 const USAGE: &str =
     "usage: qmqpd [-c config_dir] [-o name=value]... [-v]... [--listen addr:port]... | -n | -d";
 
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
 mod entry;
+
+/// The entry point where `entry` cannot stand in for Rust's start-up: there the standard
+/// library reads the command line only when it starts the program itself.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn main() -> std::process::ExitCode {
+    std::process::ExitCode::from(run())
+}
 
 /// What the command line asks for.
 #[derive(Debug, Default, PartialEq, Eq)]
