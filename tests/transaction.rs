@@ -785,15 +785,13 @@ fn a_closed_stderr_is_opened_on_dev_null_before_anything_else_can_take_its_numbe
     // With descriptor 2 closed by the launcher, the first file qmqpd opened (its log file)
     // would become "standard error"; qmqpd opens /dev/null there first.
     let q = TestQueue::new();
+    let mut sh = Command::new("sh");
+    common::clear_qmqpd_env(&mut sh);
     let mut qmqpd = Running(
-        Command::new("sh")
-            .arg("-c")
+        sh.arg("-c")
             .arg(r#"exec "$0" "$@" 2>&-"#)
             .arg(common::qmqpd_bin())
             .args(q.args())
-            .env_remove("LISTEN_FDS")
-            .env_remove("LISTEN_PID")
-            .env_remove("MAIL_CONFIG")
             .env("PROTO", "TCP")
             .env("TCPREMOTEIP", "127.0.0.1")
             .stdin(Stdio::piped())
